@@ -1,0 +1,195 @@
+"""``python -m jobs.aggregate`` end to end: local run dirs, s3:// via moto, bad input writes nothing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from analysis import certify_table, summarize
+from analysis.synthetic import synthetic_counts
+from jobs.aggregate import main
+from pipeline.counts_schema import ERRORS_SCHEMA
+
+OUTPUTS = {"results.parquet", "summary.csv", "summary.md", "summary.tex", "certified_accuracy.png"}
+LEGACY = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\t0.9\t1\t0:00:01\n1\t2\t-1\t0.0\t0\t0:00:01\n"
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    return synthetic_counts(40, (0.25, 0.5, 1.0), num_classes=10, n0=20, n=150, seed=21)
+
+
+def write_run(root, table: pa.Table, manifest: dict | None = None, errors: tuple[str, ...] = ()) -> None:
+    os.makedirs(f"{root}/counts", exist_ok=True)
+    half = table.num_rows // 2
+    pq.write_table(table.slice(0, half), f"{root}/counts/part-a.parquet")
+    pq.write_table(table.slice(half), f"{root}/counts/part-b.parquet")
+    if manifest is not None:
+        with open(f"{root}/manifest.json", "w") as f:
+            json.dump(manifest, f)
+    if errors:
+        os.makedirs(f"{root}/errors", exist_ok=True)
+        records = pa.table({"run_id": ["r"] * len(errors), "image_id": list(errors), "source": ["s"] * len(errors),
+                            "error": ["decode"] * len(errors)}, schema=ERRORS_SCHEMA)
+        pq.write_table(records, f"{root}/errors/err-0.parquet")
+
+
+def test_local_run_directory_end_to_end(tmp_path, table, capsys):
+    run = tmp_path / "runs" / "r1"
+    manifest = {"config": {"smoothing": {"p0": 0.6, "alpha": 0.01, "schedule": "paper"}}}
+    write_run(run, table, manifest, errors=("broken1", "img3"))  # img3 has counts: not skipped
+    (tmp_path / "cohen.tsv").write_text(LEGACY)
+    out = tmp_path / "out"
+    code = main([str(run), "--out", str(out), "--radii", "0", "0.5", "1", "--legacy", f"Cohen={tmp_path / 'cohen.tsv'}",
+                 "--cascade", "0.5,1.0", "--cascade", "0.25,0.5,1.0"])
+    assert code == 0
+    assert set(os.listdir(out)) == OUTPUTS
+    results = pd.read_parquet(out / "results.parquet")
+    expected = certify_table(table, cascades=[[0.5, 1.0], [0.25, 0.5, 1.0]], p0=0.6, alpha=0.01, schedule="paper")
+    methods = ["sigma=0.25", "sigma=0.5", "sigma=1.0", "cascade(0.5,1.0)", "cascade(0.25,0.5,1.0)", "Cohen"]
+    assert results["method"].astype(str).unique().tolist() == methods
+    mine = results[results["method"] != "Cohen"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine.astype({"method": str}), expected.astype({"method": str}), check_dtype=False)
+    summary = pd.read_csv(out / "summary.csv")
+    pd.testing.assert_frame_equal(summary.iloc[:5].reset_index(drop=True),
+                                  summarize(expected, [0, 0.5, 1]).astype({"method": object}), check_dtype=False)
+    markdown = (out / "summary.md").read_text()
+    assert "p0=0.6, alpha=0.01, schedule=paper" in markdown and "error records, no counts): 1." in markdown
+    assert "| Cohen | 2 | - |" in markdown
+    assert markdown.split("\n\n", 1)[1] == capsys.readouterr().out
+    assert r"\textbf{" in (out / "summary.tex").read_text()
+    assert (out / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_flags_override_manifest_and_counts_dir_works(tmp_path, table):
+    run = tmp_path / "r2"
+    write_run(run, table, {"smoothing": {"p0": 0.7}})
+    out = tmp_path / "out"
+    assert main([f"file://{run}/counts", "--out", str(out), "--sigmas", "0.5", "1.0", "--p0", "0.55"]) == 0
+    markdown = (out / "summary.md").read_text()
+    assert "p0=0.55, alpha=0.001, schedule=bonferroni" in markdown and "Skipped" not in markdown
+    assert pd.read_csv(out / "summary.csv")["method"].tolist() == ["sigma=0.5", "sigma=1.0", "cascade(0.5,1.0)"]
+    assert main([str(run), "--out", str(out), "--no-cascade"]) == 0  # into an existing directory
+    assert pd.read_csv(out / "summary.csv")["method"].tolist() == ["sigma=0.25", "sigma=0.5", "sigma=1.0"]
+    assert "p0=0.7" in (out / "summary.md").read_text()  # the manifest's, top-level "smoothing"
+    assert sorted(os.listdir(tmp_path)) == ["out", "r2"]  # no staging directories left behind
+
+
+def test_s3_run_directory(s3_bucket, tmp_path, table):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    with fs.open(f"{s3_bucket}/runs/r3/counts/part-0.parquet", "wb") as f:
+        pq.write_table(table, f)
+    fs.pipe(f"{s3_bucket}/runs/r3/counts/.tmp-123", b"partial upload")
+    with fs.open(f"{s3_bucket}/runs/r3/errors/err-0.parquet", "wb") as f:
+        pq.write_table(pa.table({"run_id": ["r"], "image_id": ["lost"], "source": ["s"], "error": ["e"]},
+                                schema=ERRORS_SCHEMA), f)
+    fs.pipe(f"{s3_bucket}/runs/r3/manifest.json", json.dumps({"config": {"smoothing": {"alpha": 0.05}}}).encode())
+    out = tmp_path / "out"
+    assert main([f"s3://{s3_bucket}/runs/r3", "--out", str(out)]) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    expected = certify_table(table, alpha=0.05)
+    np.testing.assert_array_equal(results["pred"], expected["pred"])
+    np.testing.assert_allclose(results["radius"], expected["radius"])
+    assert "error records, no counts): 1." in (out / "summary.md").read_text()
+
+
+def mutate(table: pa.Table, row: int, **changes) -> pa.Table:
+    rows = table.to_pylist()
+    rows[row] |= changes
+    return pa.Table.from_pylist(rows, schema=table.schema)
+
+
+BAD_INPUTS = {
+    "missing column": (lambda t: t.drop_columns(["counts_values"]), "counts_values", None),
+    "wrong type": (lambda t: t.set_column(3, "sigma", t["sigma"].cast(pa.float32())), "sigma", None),
+    "negative counts": (lambda t: mutate(t, 9, counts_values=[-3] + t["counts_values"][9].as_py()[1:]), "counts_values", 9),
+    "class out of range": (lambda t: mutate(t, 9, counts0_classes=t["counts0_classes"][9].as_py()[:-1] + [12]),
+                           "counts0_classes", 9),
+    "num_classes disagrees": (lambda t: mutate(t, 9, num_classes=12), "num_classes", 9),
+    "sum != n": (lambda t: mutate(t, 9, n=151), "counts_values", 9),
+    "sum != n0": (lambda t: mutate(t, 9, n0=19), "counts0_values", 9),
+    "not ascending": (lambda t: mutate(t, 9, counts_classes=t["counts_classes"][9].as_py()[::-1]), "counts_classes", 9),
+    "conflicting duplicate": (lambda t: pa.concat_tables([t, mutate(t.slice(9, 1), 0, label=(t["label"][9].as_py() + 1) % 10)]),
+                              "label", 9),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_names_column_and_row_and_writes_nothing(tmp_path, table, capsys, case):
+    change, column, row = BAD_INPUTS[case]
+    write_run(tmp_path / "run", change(table))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert f"'{column}'" in message
+    row = row or 0
+    assert f"image_id={table['image_id'][row].as_py()!r}, sigma={table['sigma'][row].as_py()!r}" in message
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_bad_input_leaves_existing_output_untouched(tmp_path, table, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.md").write_text("old")
+    write_run(tmp_path / "run", mutate(table, 4, n=1))
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert os.listdir(out) == ["summary.md"] and (out / "summary.md").read_text() == "old"
+    # a missing level the cascade needs fails before writing too
+    write_run(tmp_path / "run2", table.filter(pa.compute.not_equal(table["sigma"], 1.0)))
+    assert main([str(tmp_path / "run2"), "--out", str(out), "--cascade", "0.25,0.5"]) == 0
+    assert main([str(tmp_path / "run2"), "--out", str(out), "--legacy", "x=/nonexistent.tsv"]) == 2
+    (tmp_path / "cohen.tsv").write_text(LEGACY)
+    assert main([str(tmp_path / "run2"), "--out", str(out), "--legacy", f"cascade(0.25,0.5)={tmp_path / 'cohen.tsv'}"]) == 2
+    assert "appear in more than one" in capsys.readouterr().err
+    assert "sigma=0.25" in (out / "summary.md").read_text()
+
+
+def test_module_entry_point(tmp_path, table):
+    write_run(tmp_path / "run", table)
+    proc = subprocess.run([sys.executable, "-m", "jobs.aggregate", str(tmp_path / "run"), "--out", str(tmp_path / "o"),
+                           "--no-cascade", "--radii", "0", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("| Method | n | Clean (%) | r=0 | r=1 | ACR | Abstain (%) |")
+    assert len(proc.stdout.strip().splitlines()) == 5
+
+
+def test_reads_what_the_pipeline_writes(tmp_path, table):
+    """A run directory written by pipeline.counts_io.RunStore, as a cascade-mode run leaves it."""
+    from pipeline.counts_io import RunStore
+    from pipeline.counts_schema import COUNTS_SCHEMA
+
+    store = RunStore(f"file://{tmp_path}/runs", "cascade-run")
+    smoothing = {"sigmas": [0.25, 0.5, 1.0], "mode": "cascade", "p0": 0.5, "alpha": 0.01, "schedule": "bonferroni"}
+    store.write_manifest({"run_id": "cascade-run", "config": {"smoothing": smoothing}})
+    full = certify_table(table, alpha=0.01)
+    fired = full[full["method"] == "cascade(0.25,0.5,1.0)"].set_index("image_id")["fired_sigma"].fillna(0.0)
+    below = table["sigma"].to_numpy() < fired.reindex(table["image_id"].to_pylist()).to_numpy()
+    rows = table.filter(pa.array(~below))  # never-reached levels are not sampled
+    optional = {f.name: pa.nulls(rows.num_rows, f.type) for f in COUNTS_SCHEMA if f.name not in rows.column_names}
+    rows = pa.table({**{n: rows[n] for n in rows.column_names}, **optional})
+    for lo in range(0, rows.num_rows, 25):
+        store.write_counts(rows.slice(lo, 25))
+    store.write_error("corrupt.jpg", "shard-0.tar", "cannot decode")
+    (tmp_path / "runs" / "cascade-run" / "counts" / ".tmp-crashed").write_bytes(b"half a file")
+    out = tmp_path / "out"
+    assert main([f"{tmp_path}/runs/cascade-run", "--out", str(out)]) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    cascade = results[results["method"] == "cascade(0.25,0.5,1.0)"].set_index("image_id").sort_index()
+    expected = full[full["method"] == "cascade(0.25,0.5,1.0)"].set_index("image_id").sort_index()
+    assert cascade.index.equals(expected.index)  # the files' order differs from the table's
+    np.testing.assert_array_equal(cascade["pred"], expected["pred"])
+    np.testing.assert_allclose(cascade["radius"], expected["radius"])
+    summary = pd.read_csv(out / "summary.csv").set_index("method")["n_images"]
+    assert summary["cascade(0.25,0.5,1.0)"] == 40 and summary["sigma=0.25"] < summary["sigma=1.0"] == 40
+    markdown = (out / "summary.md").read_text()
+    assert "alpha=0.01" in markdown and "error records, no counts): 1." in markdown

@@ -13,7 +13,7 @@ settings it sampled with), else to 0.5 / 0.001 / bonferroni.
 Writes results.parquet (per image), summary.csv, summary.md, summary.tex and
 certified_accuracy.png into DIR and prints the markdown table. Everything is computed and
 validated first; the files are then written to a temporary sibling directory and moved
-into DIR, so bad input leaves DIR untouched.
+into DIR, so bad input leaves DIR untouched. DIR may also be an fsspec URI (s3://...).
 """
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ import shutil
 import sys
 import uuid
 from collections.abc import Mapping, Sequence
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from analysis import (
     DEFAULT_RADII,
@@ -46,7 +49,7 @@ DEFAULTS = {"p0": 0.5, "alpha": 0.001, "schedule": "bonferroni"}
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.aggregate", description=__doc__.split("\n\n")[0])
     parser.add_argument("results_uri", help="run directory, counts directory or Parquet file (any fsspec URI)")
-    parser.add_argument("--out", required=True, help="local output directory")
+    parser.add_argument("--out", required=True, help="output directory: local path or any fsspec URI (s3://...)")
     parser.add_argument("--sigmas", type=float, nargs="+", help="single sigmas to certify (default: all present)")
     parser.add_argument("--cascade", action="append", default=None, metavar="S,S,...",
                         help="sigmas of a cascade; repeatable (default: one over --sigmas)")
@@ -99,8 +102,18 @@ def render(args: argparse.Namespace) -> tuple[dict[str, bytes], str]:
 
 
 def write_outputs(out: str, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` into ``out`` via a temporary sibling directory (no partial output)."""
-    out = os.path.abspath(out)
+    """Write ``files`` into ``out``, a local directory or any fsspec URI (e.g. s3://).
+
+    Locally via a temporary sibling directory (no partial output); on object storage each
+    file is one atomic put. Either way nothing is written before every file is rendered.
+    """
+    fs, path = fsspec.core.url_to_fs(out)
+    if not isinstance(fs, LocalFileSystem):
+        fs.makedirs(path, exist_ok=True)
+        for name, data in files.items():
+            fs.pipe_file(f"{path.rstrip('/')}/{name}", data)
+        return
+    out = os.path.abspath(path)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}")

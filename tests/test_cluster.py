@@ -392,9 +392,9 @@ def test_aggregate_entrypoint_runs_against_s3(s3_bucket, tmp_path):
     (doc,) = [d for _, d in RAY_JOBS if "jobs.aggregate" in d["spec"]["entrypoint"]]
     line = doc["spec"]["entrypoint"].replace("YOUR_BUCKET", s3_bucket)
     ((_, args),) = job_invocations(line)
-    local_out = option_values(args, "--out")[0]
-    line = line.replace(local_out, str(tmp_path / "aggregate"))  # keep the shared /tmp clean
+    out_uri = option_values(args, "--out")[0]
     run_uri = args[0]
+    assert out_uri == f"{run_uri}/aggregate"
     samples = [  # (label, selection counts, estimation counts) as {class: count}
         (0, {0: 10}, {0: 95, 1: 5}), (1, {1: 10}, {1: 100}), (2, {0: 10}, {0: 60, 2: 40})]
     rows = [dict(run_id="r", image_id=f"img{i}", label=label, sigma=0.5, n0=10, n=100,
@@ -409,6 +409,10 @@ def test_aggregate_entrypoint_runs_against_s3(s3_bucket, tmp_path):
         done = subprocess.run(["bash", "-c", line], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+    local_line = line.replace(out_uri, str(tmp_path / "aggregate"))  # the same tables, written locally
+    done = subprocess.run(["bash", "-c", local_line], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     local = {p.name: p.read_bytes() for p in (tmp_path / "aggregate").iterdir()}
     fs.invalidate_cache()
     remote = {posixpath.relpath(p, f"{run_path}/aggregate"): fs.cat_file(p)

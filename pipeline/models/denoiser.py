@@ -16,7 +16,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.models.attention_processor import Attention
 
-from pipeline.models.adm import convert_adm_state_dict
+from pipeline.models.adm import adm_unet_config, convert_adm_state_dict
 from pipeline.diffusion import NoiseSchedule, diffusion_input, predict_x0, timestep_for_sigma
 from pipeline.models.presets import preset
 from pipeline.storage import fetch_to_cache, load_state_dict_strict, read_state_dict, url_to_fs
@@ -74,6 +74,7 @@ def load_denoiser(spec: Mapping[str, Any], cache_dir: str | None = None) -> Deno
 
     ``uri``: a diffusers folder with unet/ (+ scheduler/), a bare UNet2DModel folder, or an
     original ADM checkpoint (.pt/.pth/.safetensors; needs ``preset`` or ``adm_config``).
+    Without ``uri``: the preset's / adm_config's architecture with random weights (benchmarks).
     Schedule: preset < the folder's scheduler/ config < ``spec['schedule']``; ``adm_config``
     overrides the preset's keys. A checkpoint that does not fit fails naming the keys.
     """
@@ -81,23 +82,30 @@ def load_denoiser(spec: Mapping[str, Any], cache_dir: str | None = None) -> Deno
     if unknown:
         raise ValueError(f"unknown denoiser spec keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
     base = preset(spec["preset"]) if spec.get("preset") else {}
-    uri = spec["uri"]
-    local = fetch_to_cache(uri, cache_dir)
-    if os.path.isdir(local):
-        unet, weights, folder_schedule = _load_diffusers_folder(local)
-        weight_uri = f"{uri.rstrip('/')}/{os.path.relpath(weights, local)}"
-    else:
-        adm_config = {**base.get("adm_config", {}), **(spec.get("adm_config") or {})}
+    adm_config = {**base.get("adm_config", {}), **(spec.get("adm_config") or {})}
+    uri = spec.get("uri")
+    weights, weight_uri, folder_schedule = None, None, {}
+    if uri is None:
         if not adm_config:
-            raise ValueError(f"{uri} is an original ADM checkpoint: give a preset or an adm_config")
-        unet = convert_adm_state_dict(read_state_dict(local), adm_config)
-        weights, weight_uri, folder_schedule = local, uri, {}
+            raise ValueError("denoiser: give a uri, or a preset / adm_config for random weights")
+        unet = UNet2DModel(**adm_unet_config(adm_config))
+    else:
+        local = fetch_to_cache(uri, cache_dir)
+        if os.path.isdir(local):
+            unet, weights, folder_schedule = _load_diffusers_folder(local)
+            weight_uri = f"{uri.rstrip('/')}/{os.path.relpath(weights, local)}"
+        else:
+            if not adm_config:
+                raise ValueError(f"{uri} is an original ADM checkpoint: give a preset or an adm_config")
+            unet = convert_adm_state_dict(read_state_dict(local), adm_config)
+            weights, weight_uri = local, uri
     schedule = {**base.get("schedule", {}), **folder_schedule, **(spec.get("schedule") or {})}
     if "beta_schedule" not in schedule or "num_train_timesteps" not in schedule:
         raise ValueError(f"no noise schedule for {uri}: give a preset or schedule.beta_schedule and "
                          "schedule.num_train_timesteps")
     denoiser = Denoiser(unet, NoiseSchedule(**schedule)).eval()
-    denoiser.weight_files[weight_uri] = weights
+    if weight_uri is not None:
+        denoiser.weight_files[weight_uri] = weights
     return denoiser
 
 

@@ -1,0 +1,265 @@
+"""Run configuration: YAML, validated on load, with ``--set key.sub=value`` overrides.
+
+Guarantee: :func:`load_config` either returns a fully resolved :class:`Config` (every key
+present, every value checked) or raises :class:`ConfigError` whose message starts with the
+dotted key that is wrong, e.g. ``smoothing.n0: must be a positive integer, got -3``.
+Credentials never belong here: storage access comes from the environment.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the key."""
+
+
+Check = Callable[[str, Any], Any]
+REQUIRED = object()
+
+
+def _fail(key: str, what: str, value: Any) -> None:
+    raise ConfigError(f"{key}: {what}, got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def positive_int(key: str, v: Any) -> int:
+    if not _is_int(v) or v <= 0:
+        _fail(key, "must be a positive integer", v)
+    return v
+
+
+def nonneg_int(key: str, v: Any) -> int:
+    if not _is_int(v) or v < 0:
+        _fail(key, "must be a non-negative integer", v)
+    return v
+
+
+def nonneg_number(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        _fail(key, "must be a non-negative number", v)
+    return float(v)
+
+
+def boolean(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        _fail(key, "must be true or false", v)
+    return v
+
+
+def string(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        _fail(key, "must be a non-empty string", v)
+    return v
+
+
+def optional(check: Check) -> Check:
+    return lambda key, v: None if v is None else check(key, v)
+
+
+def choice(*options: str) -> Check:
+    def check(key: str, v: Any) -> str:
+        if v not in options:
+            _fail(key, f"must be one of {', '.join(options)}", v)
+        return v
+    return check
+
+
+def open_unit(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        _fail(key, "must be a number in (0, 1)", v)
+    return float(v)
+
+
+def half_to_one(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.5 <= v < 1:
+        _fail(key, "must be a number in [0.5, 1)", v)
+    return float(v)
+
+
+def sigmas(key: str, v: Any) -> tuple[float, ...]:
+    ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in v)
+    if not ok:
+        _fail(key, "must be a non-empty list of positive numbers", v)
+    if len(set(v)) != len(v):
+        _fail(key, "must not repeat a value", v)
+    return tuple(sorted(float(s) for s in v))
+
+
+def string_list(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
+        _fail(key, "must be a list of strings", v)
+    return tuple(v)
+
+
+def input_size(key: str, v: Any) -> list[int]:
+    if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v)):
+        _fail(key, "must be [3, H, W] with positive integers", v)
+    return list(v)
+
+
+def run_id(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v or "/" in v or v.startswith("."):
+        _fail(key, "must be a non-empty string without '/' and not starting with '.'", v)
+    return v
+
+
+def mapping(key: str, v: Any) -> dict:
+    if not isinstance(v, Mapping):
+        _fail(key, "must be a mapping", v)
+    return dict(v)
+
+
+def section(fields: Mapping[str, tuple[Any, Check]]) -> Check:
+    """Check a nested mapping against ``{name: (default or REQUIRED, check)}``."""
+    def check(key: str, v: Any) -> dict:
+        v = {} if v is None else v
+        if not isinstance(v, Mapping):
+            _fail(key, "must be a mapping", v)
+        unknown = sorted(set(v) - set(fields))
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}: unknown key (known: {', '.join(fields)})")
+        out = {}
+        for name, (default, field_check) in fields.items():
+            sub = f"{key}.{name}"
+            if name not in v and default is REQUIRED:
+                raise ConfigError(f"{sub}: required")
+            out[name] = field_check(sub, v[name] if name in v else copy.deepcopy(default))
+        return out
+    return check
+
+
+SCHEMA: dict[str, Check] = {
+    "data": section({
+        "uri": (REQUIRED, string),                      # file, folder or glob on any fsspec URI
+        "format": (REQUIRED, choice("parquet", "webdataset")),
+        "expected_shards": (None, optional(positive_int)),
+        "columns": (None, section({                     # parquet column names
+            "image": ("image", string), "label": ("label", string), "image_id": ("image_id", string)})),
+        "selection": (None, section({
+            "every": (1, positive_int), "offset": (0, nonneg_int),
+            "limit": (None, optional(positive_int)), "image_ids": (None, optional(string_list))})),
+        "resolution": (REQUIRED, positive_int),         # certification resolution (square)
+        "resize": (None, optional(positive_int)),       # shorter side before the crop; null = resolution
+        "crop": ("center", choice("center", "none")),   # none: squash to resolution x resolution
+        "interpolation": ("bicubic", choice("bicubic", "bilinear", "lanczos", "nearest")),
+    }),
+    "models": section({
+        "denoiser": (REQUIRED, section({
+            "uri": (REQUIRED, string), "preset": (None, optional(string)),
+            "adm_config": (None, optional(mapping)), "schedule": (None, optional(mapping))})),
+        "classifier": (REQUIRED, section({
+            "name": (REQUIRED, string), "num_classes": (REQUIRED, positive_int),
+            "uri": (None, optional(string)), "pretrained": (False, boolean),
+            "model_kwargs": (None, optional(mapping)), "input_size": (None, optional(input_size))})),
+        "cache_dir": (None, optional(string)),
+    }),
+    "smoothing": section({
+        "sigmas": (REQUIRED, sigmas),
+        "n0": (REQUIRED, positive_int),
+        "n": (REQUIRED, positive_int),
+        "seed": (0, nonneg_int),
+        "mode": ("full", choice("full", "cascade")),
+        "p0": (0.5, half_to_one),
+        "alpha": (0.001, open_unit),
+        "schedule": ("bonferroni", choice("bonferroni", "paper")),
+    }),
+    "compute": section({
+        "actors": (1, positive_int),
+        "gpus_per_actor": (0.0, nonneg_number),         # 0 = CPU actors
+        "cpus_per_actor": (1.0, nonneg_number),
+        "cpus_per_task": (1.0, nonneg_number),          # preprocessing (decode + resize) tasks
+        "batch_size": (256, positive_int),              # noisy samples per forward pass
+        "images_per_call": (16, positive_int),          # images per actor call = per counts file
+        "dtype": ("float32", choice("float32", "float16", "bfloat16")),
+        "compile": (False, boolean),
+        "torch_threads": (None, optional(positive_int)),
+        "log_every": (100, positive_int),               # images between progress log lines
+    }),
+    "output": section({
+        "uri": (REQUIRED, string),
+        "run_id": (REQUIRED, run_id),
+    }),
+}
+
+# Sections whose values decide the content of the counts: a resumed run must match them.
+CONTENT_SECTIONS = ("data", "models", "smoothing")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated, fully resolved configuration (plain dicts, JSON-serialisable)."""
+    data: dict
+    models: dict
+    smoothing: dict
+    compute: dict
+    output: dict
+
+    def to_dict(self) -> dict:
+        return {name: _plain(getattr(self, name)) for name in SCHEMA}
+
+    def content_key(self) -> dict:
+        """The part of the config that determines the counts rows (for resume checks)."""
+        d = self.to_dict()
+        d["models"].pop("cache_dir")
+        return {name: d[name] for name in CONTENT_SECTIONS}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def validate(raw: Any) -> Config:
+    """Validate a raw mapping (as parsed from YAML) into a :class:`Config`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"<root>: must be a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(SCHEMA)})")
+    for name in SCHEMA:
+        if name not in raw:
+            raise ConfigError(f"{name}: required section")
+    return Config(**{name: check(name, raw[name]) for name, check in SCHEMA.items()})
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{assignment}: override must look like section.key=value")
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a mapping, cannot set {key}")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (local path or fsspec URI), apply overrides, validate."""
+    import fsspec
+
+    with fsspec.open(path, "r") as f:
+        raw = yaml.safe_load(f) or {}
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: Mapping, overrides: Sequence[str] = ()) -> Config:
+    raw = copy.deepcopy(dict(raw))
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate(raw)

@@ -1,0 +1,192 @@
+"""The run directory: counts and error Parquet files, the manifest, and what is already done.
+
+Layout: ``{output}/{run_id}/counts/part-<hash>.parquet``, ``{output}/{run_id}/errors/err-<hash>.parquet``,
+``{output}/{run_id}/manifest.json``.
+
+Guarantees:
+* Every file appears whole or not at all: local files are written to a hidden temp name and
+  renamed (``os.replace``); object stores get a single PUT. Readers only look at final names.
+* A file's name is a hash of the (image_id, sigma) keys it holds. Noise is reproducible, so a
+  retried task rewrites identical content under the same name: retries never duplicate rows.
+* :meth:`RunStore.done_keys` lists the rows already written, for resume;
+  :meth:`RunStore.compact_duplicates` leaves every key in exactly one file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.counts_schema import COUNTS_SCHEMA, ERRORS_SCHEMA
+from pipeline.storage import url_to_fs
+
+Key = tuple[str, float]
+
+
+def keys_digest(keys: Iterable[Key]) -> str:
+    """Order-independent content name for a set of (image_id, sigma) keys."""
+    text = "\n".join(f"{image_id}\t{sigma!r}" for image_id, sigma in sorted(keys))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocol))
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+class RunStore:
+    """One run's directory on any fsspec filesystem (pickles to Ray workers)."""
+
+    def __init__(self, output_uri: str, run_id: str):
+        self.output_uri, self.run_id = output_uri, run_id
+        self.fs, root = url_to_fs(output_uri)
+        self.root = f"{root.rstrip('/')}/{run_id}"
+        self.counts_dir = f"{self.root}/counts"
+        self.errors_dir = f"{self.root}/errors"
+        self.manifest_path = f"{self.root}/manifest.json"
+
+    def uri(self, path: str = "") -> str:
+        """The URI of the run directory (or a file in it), with the output's scheme."""
+        sub = path[len(self.root):] if path.startswith(self.root) else ""
+        return f"{self.output_uri.rstrip('/')}/{self.run_id}{sub}"
+
+    def put(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically (whole or not at all)."""
+        directory = path.rsplit("/", 1)[0]
+        if _is_local(self.fs):
+            os.makedirs(directory, exist_ok=True)
+            tmp = f"{directory}/.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def write_counts(self, table: pa.Table) -> str:
+        """Write counts rows (COUNTS_SCHEMA) under their content name; returns the path."""
+        keys = zip(table.column("image_id").to_pylist(), table.column("sigma").to_pylist())
+        path = f"{self.counts_dir}/part-{keys_digest(keys)}.parquet"
+        self.put(path, _table_bytes(table.cast(COUNTS_SCHEMA)))
+        return path
+
+    def write_error(self, image_id: str, source: str, error: str) -> str:
+        """Record one image that could not be decoded (idempotent: one file per image_id)."""
+        table = pa.table({"run_id": [self.run_id], "image_id": [image_id], "source": [source], "error": [error]},
+                         schema=ERRORS_SCHEMA)
+        path = f"{self.errors_dir}/err-{keys_digest([(image_id, 0.0)])}.parquet"
+        self.put(path, _table_bytes(table))
+        return path
+
+    def _files(self, directory: str, prefix: str) -> list[str]:
+        self.fs.invalidate_cache(directory)  # other processes write here: never trust a cached listing
+        if not self.fs.exists(directory):
+            return []
+        return sorted(p for p in self.fs.ls(directory, detail=False)
+                      if p.rsplit("/", 1)[-1].startswith(prefix) and p.endswith(".parquet"))
+
+    def _read_columns(self, paths: list[str], columns: list[str]) -> list[pa.Table]:
+        def read(path: str) -> pa.Table:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(read, paths))
+
+    def counts_files(self) -> list[str]:
+        return self._files(self.counts_dir, "part-")
+
+    def file_keys(self) -> dict[str, list[Key]]:
+        """(image_id, sigma) keys of every finished counts file."""
+        paths = self.counts_files()
+        tables = self._read_columns(paths, ["image_id", "sigma"])
+        return {p: list(zip(t.column("image_id").to_pylist(), t.column("sigma").to_pylist()))
+                for p, t in zip(paths, tables)}
+
+    def done_keys(self) -> set[Key]:
+        return {k for keys in self.file_keys().values() for k in keys}
+
+    def error_ids(self) -> set[str]:
+        tables = self._read_columns(self._files(self.errors_dir, "err-"), ["image_id"])
+        return {i for t in tables for i in t.column("image_id").to_pylist()}
+
+    def read_manifest(self) -> dict | None:
+        self.fs.invalidate_cache(self.root)
+        if not self.fs.exists(self.manifest_path):
+            return None
+        with self.fs.open(self.manifest_path, "rb") as f:
+            return json.load(f)
+
+    def write_manifest(self, manifest: dict) -> None:
+        self.put(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    def compact_duplicates(self) -> int:
+        """Merge files sharing keys so each key is in one file; returns the number of files merged.
+
+        Crash-safe and idempotent: the merged file is written before the old ones are removed.
+        """
+        per_file = self.file_keys()
+        seen = Counter(k for keys in per_file.values() for k in set(keys))
+        dup_files = sorted(p for p, keys in per_file.items() if any(seen[k] > 1 for k in keys))
+        if not dup_files:
+            return 0
+        groups = _overlap_groups({p: per_file[p] for p in dup_files})
+        for group in groups:
+            tables = []
+            for path in group:
+                with self.fs.open(path, "rb") as f:
+                    tables.append(pq.read_table(f))
+            merged = _first_per_key(pa.concat_tables(tables))
+            kept = self.write_counts(merged)
+            for path in group:
+                if path != kept:
+                    self.fs.rm(path)
+        return len(dup_files)
+
+
+def _overlap_groups(per_file: dict[str, list[Key]]) -> list[list[str]]:
+    """Connected components of files linked by a shared key."""
+    parent = {p: p for p in per_file}
+
+    def find(p: str) -> str:
+        while parent[p] != p:
+            parent[p] = parent[parent[p]]
+            p = parent[p]
+        return p
+
+    owner: dict[Key, str] = {}
+    for path, keys in per_file.items():
+        for k in keys:
+            if k in owner:
+                parent[find(path)] = find(owner[k])
+            else:
+                owner[k] = path
+    groups: dict[str, list[str]] = defaultdict(list)
+    for p in per_file:
+        groups[find(p)].append(p)
+    return list(groups.values())
+
+
+def _first_per_key(table: pa.Table) -> pa.Table:
+    """The first row of each (image_id, sigma) key."""
+    seen: set[Key] = set()
+    rows = []
+    for i, key in enumerate(zip(table.column("image_id").to_pylist(), table.column("sigma").to_pylist())):
+        if key not in seen:
+            seen.add(key)
+            rows.append(i)
+    return table.take(pa.array(rows, type=pa.int64()))

@@ -11,7 +11,6 @@ and the same line after ``ray job submit --working-dir . --``. Guarantees:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from jobs.cli import run_config_job
 from pipeline.config import Config, load_config
 from pipeline.counts_io import RunStore
 from pipeline.data import (StorageError, decode_batch, describe, list_shards, needs_scan, read_shards,
@@ -217,19 +217,7 @@ def finish(store: RunStore, progress: Progress, checksums: set[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (path or fsspec URI)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. smoothing.n0=100 (YAML-parsed)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        summary = run(load_config(args.config, args.set))
-    except (StorageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return run_config_job(argv, __doc__.split("\n")[0], "smoothing.n0=100", load_config, run)
 
 
 if __name__ == "__main__":

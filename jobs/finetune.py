@@ -26,8 +26,6 @@ in :mod:`pipeline.calibration` (every weight is configuration). Guarantees:
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -40,12 +38,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import yaml
 
+from jobs.cli import run_config_job
 from pipeline import config as cfglib
 from pipeline.calibration import batch_loss, holdout_statistics
 from pipeline.config import REQUIRED, ConfigError, section
-from pipeline.data import StorageError, decode_batch, list_shards, read_shards
+from pipeline.data import decode_batch, list_shards, read_shards
 from pipeline.models.denoiser import Denoiser, save_denoiser
 from pipeline.models.factory import DenoiseAndClassify, create_denoise_classify
 from pipeline.storage import url_to_fs
@@ -137,26 +135,16 @@ class FinetuneConfig:
 
 def validate(raw: Any) -> FinetuneConfig:
     """Validate a raw mapping; errors are :class:`ConfigError` naming the dotted key."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"<root>: must be a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SCHEMA))
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(SCHEMA)})")
-    return FinetuneConfig(**{name: check(name, raw.get(name)) for name, check in SCHEMA.items()})
+    return FinetuneConfig(**cfglib.validate_sections(raw, SCHEMA, require_all=False))
 
 
 def config_from_dict(raw: Mapping, overrides: Sequence[str] = ()) -> FinetuneConfig:
-    raw = copy.deepcopy(dict(raw))
-    for assignment in overrides:
-        cfglib.apply_override(raw, assignment)
-    return validate(raw)
+    return validate(cfglib.with_overrides(raw, overrides))
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> FinetuneConfig:
     """Read a YAML file (local path or fsspec URI), apply ``key=value`` overrides, validate."""
-    fs, p = url_to_fs(path)
-    with fs.open(p, "r") as f:
-        return config_from_dict(yaml.safe_load(f) or {}, overrides)
+    return validate(cfglib.read_yaml(path, overrides))
 
 
 # ---------------------------------------------------------------- data
@@ -396,7 +384,7 @@ def train_loop(cfg: dict) -> None:
         m, parallel_strategy_kwargs={"broadcast_buffers": False}))
     _restore(finetuner)
     start_step = finetuner.step
-    names, sigmas = stat_names(cfg["loss"]["sigmas"]), cfg["loss"]["sigmas"]
+    names = stat_names(cfg["loss"]["sigmas"])
     train, holdout = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("holdout")
     pending: list[torch.Tensor] = []
     metrics: dict[str, float] = {"step": finetuner.step, "epoch": finetuner.epoch, "start_step": start_step}
@@ -532,19 +520,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (path or fsspec URI)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. training.steps=500 (YAML-parsed)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        summary = run(load_config(args.config, args.set))
-    except (StorageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, default=str))
-    return 0
+    return run_config_job(argv, __doc__.split("\n")[0], "training.steps=500", load_config, run)
 
 
 if __name__ == "__main__":

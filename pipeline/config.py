@@ -221,17 +221,24 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def validate(raw: Any) -> Config:
-    """Validate a raw mapping (as parsed from YAML) into a :class:`Config`."""
+def validate_sections(raw: Any, schema: Mapping[str, Check], require_all: bool = True) -> dict[str, Any]:
+    """Check every section of ``raw`` with ``schema``; unknown sections (and, with
+    ``require_all``, missing ones) are :class:`ConfigError` naming the section."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"<root>: must be a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SCHEMA))
+    unknown = sorted(set(raw) - set(schema))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(SCHEMA)})")
-    for name in SCHEMA:
-        if name not in raw:
-            raise ConfigError(f"{name}: required section")
-    return Config(**{name: check(name, raw[name]) for name, check in SCHEMA.items()})
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(schema)})")
+    if require_all:
+        for name in schema:
+            if name not in raw:
+                raise ConfigError(f"{name}: required section")
+    return {name: check(name, raw.get(name)) for name, check in schema.items()}
+
+
+def validate(raw: Any) -> Config:
+    """Validate a raw mapping (as parsed from YAML) into a :class:`Config`."""
+    return Config(**validate_sections(raw, SCHEMA))
 
 
 def apply_override(raw: dict, assignment: str) -> None:
@@ -249,17 +256,26 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (local path or fsspec URI), apply overrides, validate."""
-    import fsspec
-
-    with fsspec.open(path, "r") as f:
-        raw = yaml.safe_load(f) or {}
-    return config_from_dict(raw, overrides)
-
-
-def config_from_dict(raw: Mapping, overrides: Sequence[str] = ()) -> Config:
+def with_overrides(raw: Mapping, overrides: Sequence[str] = ()) -> dict:
+    """A deep copy of ``raw`` with the ``dotted.key=value`` overrides applied."""
     raw = copy.deepcopy(dict(raw))
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate(raw)
+    return raw
+
+
+def read_yaml(path: str, overrides: Sequence[str] = ()) -> dict:
+    """A YAML file (local path or fsspec URI) as a dict, with the overrides applied."""
+    import fsspec
+
+    with fsspec.open(path, "r") as f:
+        return with_overrides(yaml.safe_load(f) or {}, overrides)
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (local path or fsspec URI), apply overrides, validate."""
+    return validate(read_yaml(path, overrides))
+
+
+def config_from_dict(raw: Mapping, overrides: Sequence[str] = ()) -> Config:
+    return validate(with_overrides(raw, overrides))

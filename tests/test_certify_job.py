@@ -27,6 +27,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import free_port
 from jobs.bench_pipeline import write_small_models
 from jobs.certify import run
 from jobs.make_shards import make_shards
@@ -302,12 +303,6 @@ def ray_head(tmp_path_factory, s3_server):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_port_range(width: int) -> int:

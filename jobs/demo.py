@@ -5,7 +5,8 @@
 1. scikit-learn's digits, test split (360 images, jobs.train_demo.digits_split) -> PNG folder
    ``{work}/images/{label}/digit_NNNN.png``;
 2. jobs.make_shards -> Parquet shards at ``file://{work}/shards`` (the local "object store");
-3. jobs.certify with configs/demo.yaml (models from configs/demo/models, mode ``full``,
+3. jobs.certify with configs/demo.yaml (every 4th test image: 90; n0 = 32, n = 512; models from
+   configs/demo/models, mode ``full``,
    sigmas 0.25/0.5/1.0) on an embedded local Ray -> counts at ``{work}/runs/{run_id}``;
 4. jobs.aggregate (each sigma alone and the cascade over all three, from the same counts)
    -> markdown table on stdout, ``{work}/aggregate/certified_accuracy.png``, results.parquet;

@@ -51,14 +51,19 @@ def s3_server():
 _S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")
 
 
+def create_bucket(endpoint: str, prefix: str = "test") -> str:
+    """Create a uniquely named bucket on the S3 server at ``endpoint``; return its name."""
+    import boto3
+
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return name
+
+
 @pytest.fixture
 def s3_bucket(s3_server):
     """A fresh, empty bucket on the local S3 server; yields its name."""
-    import boto3
-
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    yield name
+    yield create_bucket(s3_server)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 
-import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +26,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import free_port
+from conftest import create_bucket, free_port
 from jobs.bench_pipeline import write_small_models
 from jobs.certify import run
 from jobs.make_shards import make_shards
@@ -46,9 +45,7 @@ PER_CLASS = 5
 
 @pytest.fixture(scope="module")
 def bucket(s3_server):
-    name = f"certify-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return name
+    return create_bucket(s3_server, "certify")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@
    fine-tuned denoiser for this exact config is already in the work directory (the checkpoint
    name and output folder carry a hash of the config, so a changed config trains afresh and
    an interrupted one resumes);
-3. jobs.certify twice with configs/demo.yaml (+ --certify-set, by default every second test
-   image: ``--certify-set data.selection.every=1`` certifies all 360), mode ``full``, once with the
+3. jobs.certify twice with configs/demo.yaml (+ --certify-set, by default every second test image,
+   n0 = 16, n = 128: ``--certify-set data.selection.every=1`` certifies all 360), mode ``full``, once with the
    original denoiser and once with the fine-tuned one: same images, same seed, hence the same
    noise samples;
 4. jobs.aggregate on both runs; prints one table with the two rows of every method (each sigma
@@ -42,7 +42,7 @@ from pipeline.storage import url_to_fs
 REPO = Path(__file__).resolve().parent.parent
 FINETUNE_CONFIG = REPO / "configs" / "finetune-demo.yaml"
 LABELS = ("original", "fine-tuned")
-CERTIFY_DEFAULTS = ("data.selection.every=2",)  # 180 of the 360 test images: minutes on 2 CPU cores
+CERTIFY_DEFAULTS = ("data.selection.every=2", "smoothing.n0=16", "smoothing.n=128")  # 180 test images: minutes on 2 CPUs
 
 
 def digest(value: object) -> str:

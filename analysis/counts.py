@@ -17,12 +17,13 @@ import pyarrow.compute as pc
 from analysis.io import RunFiles, read_tables, resolve_run
 from pipeline.certification import SparseCounts
 from pipeline.counts_schema import REQUIRED_COLUMNS
+from pipeline.errors import MsdsmoothError
 
 # (classes column, values column, total column) of the two sparse count vectors.
 COUNT_COLUMNS = (("counts0_classes", "counts0_values", "n0"), ("counts_classes", "counts_values", "n"))
 
 
-class CountsError(ValueError):
+class CountsError(MsdsmoothError, ValueError):
     """A counts table breaks the contract; the message names the column and an example row."""
 
 

@@ -13,11 +13,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import results_frame
+from pipeline.errors import MsdsmoothError
 
 LEGACY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 
 
-class LegacyLogError(ValueError):
+class LegacyLogError(MsdsmoothError, ValueError):
     """A legacy log is malformed; the message names the file, the column and an example idx."""
 
 

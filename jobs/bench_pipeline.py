@@ -66,7 +66,7 @@ def in_process(cfg, images_dir: Path) -> float:
     """Seconds for models + decode + sampling of every image, in this process."""
     import torch
 
-    from pipeline.data import resize_image
+    from pipeline.images import resize_image
     from pipeline.models.factory import create_denoise_classify
     from pipeline.sampling import MonteCarloSampler
 
@@ -100,7 +100,7 @@ def main() -> None:
 
     from jobs.certify import run
     from jobs.make_shards import make_shards
-    from pipeline.counts_io import RunStore
+    from pipeline.run_dir import RunDirectory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -121,7 +121,7 @@ def main() -> None:
             start = time.perf_counter()
             run(cfg)
             ray_s = time.perf_counter() - start
-            store = RunStore(cfg.output["uri"], cfg.output["run_id"])
+            store = RunDirectory(cfg.output["uri"], cfg.output["run_id"])
             table = pa.concat_tables([pq.read_table(p, columns=["seconds"]) for p in store.counts_files()])
             sampling_s = float(pc.sum(table.column("seconds")).as_py())  # seconds are per (image, sigma) row
         finally:

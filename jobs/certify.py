@@ -24,8 +24,9 @@ import numpy as np
 
 from jobs.cli import run_config_job
 from pipeline.config import Config, load_config
-from pipeline.counts_io import RunStore
-from pipeline.data import (StorageError, decode_batch, describe, list_shards, needs_scan, read_shards,
+from pipeline.run_dir import RunDirectory
+from pipeline.errors import StorageError, describe
+from pipeline.shards import (decode_batch, list_shards, needs_scan, read_shards,
                            scan_image_ids, select_ids)
 from pipeline.storage import url_to_fs
 
@@ -57,7 +58,7 @@ class TodoFilter:
 _FILTERS: dict[str, TodoFilter] = {}
 
 
-def _decode(batch: dict, *, filter_ref: list, store: RunStore, **kwargs: Any) -> dict:
+def _decode(batch: dict, *, filter_ref: list, store: RunDirectory, **kwargs: Any) -> dict:
     """Ray Data UDF: the shared TodoFilter is fetched once per worker process."""
     import ray
 
@@ -100,11 +101,11 @@ def check_model_uris(cfg: Config) -> None:
             raise StorageError(f"{key} {uri}: not found")
 
 
-def open_run(cfg: Config) -> RunStore:
+def open_run(cfg: Config) -> RunDirectory:
     """The run directory, checked writable and consistent with an earlier attempt's manifest."""
     out = cfg.output
     try:
-        store = RunStore(out["uri"], out["run_id"])
+        store = RunDirectory(out["uri"], out["run_id"])
         previous = store.read_manifest()
     except Exception as exc:  # noqa: BLE001
         raise StorageError(f"output.uri {out['uri']}: cannot reach storage: {describe(exc)}") from exc
@@ -124,7 +125,7 @@ def open_run(cfg: Config) -> RunStore:
     return store
 
 
-def record_checksums(store: RunStore, reported: set[str]) -> None:
+def record_checksums(store: RunDirectory, reported: set[str]) -> None:
     """Put the weights' sha256 that the actors loaded into the manifest; all actors must agree."""
     if not reported:
         return
@@ -205,7 +206,7 @@ def run(cfg: Config) -> dict:
     return finish(store, progress, checksums)
 
 
-def finish(store: RunStore, progress: Progress, checksums: set[str]) -> dict:
+def finish(store: RunDirectory, progress: Progress, checksums: set[str]) -> dict:
     """Record checksums, leave every row in exactly one file, summarise."""
     record_checksums(store, checksums)
     merged = store.compact_duplicates()

@@ -4,7 +4,7 @@
 
 and the same line after ``ray job submit --working-dir . --``. The loss is the reconstruction
 in :mod:`pipeline.calibration` (every weight is configuration). Guarantees:
-* Training data come from the certification shard readers (:mod:`pipeline.data`, Ray Data);
+* Training data come from the certification shard readers (:mod:`pipeline.shards`, Ray Data);
   each image goes by a hash of its image_id to the training split or to the held-out split
   (``training.holdout_fraction``), the same split on every run and worker count.
 * Only the UNet trains: the classifier is frozen (``requires_grad`` False, eval mode) while the
@@ -43,7 +43,7 @@ from jobs.cli import run_config_job
 from pipeline import config as cfglib
 from pipeline.calibration import batch_loss, holdout_statistics
 from pipeline.config import REQUIRED, ConfigError, section
-from pipeline.data import decode_batch, list_shards, read_shards
+from pipeline.shards import decode_batch, list_shards, read_shards
 from pipeline.models.denoiser import Denoiser, save_denoiser
 from pipeline.models.factory import DenoiseAndClassify, create_denoise_classify
 from pipeline.storage import url_to_fs

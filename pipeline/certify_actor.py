@@ -2,7 +2,7 @@
 
 One replica of denoiser + classifier per actor. Per batch of images it draws the Monte Carlo
 samples, writes the counts rows itself (one content-named file per batch, see
-:mod:`pipeline.counts_io`) and returns a small summary (rows per image, weight checksums). In ``cascade`` mode it
+:mod:`pipeline.run_dir`) and returns a small summary (rows per image, weight checksums). In ``cascade`` mode it
 samples the highest sigma first and the next lower sigma only for images that fell through.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.certification import FALL_THROUGH, SparseCounts, cascade_stage_outcome
-from pipeline.counts_io import RunStore
+from pipeline.run_dir import RunDirectory
 from pipeline.counts_schema import COUNTS_SCHEMA
 from pipeline.models.factory import create_denoise_classify, model_checksums
 from pipeline.sampling import MonteCarloSampler, SampleCounts
@@ -52,7 +52,7 @@ class CertifyActor:
         self.sampler = MonteCarloSampler(model, compute["batch_size"], compute["dtype"],
                                          "cuda" if gpu else "cpu", compute["compile"])
         self.smoothing = config["smoothing"]
-        self.store = RunStore(config["output"]["uri"], config["output"]["run_id"])
+        self.store = RunDirectory(config["output"]["uri"], config["output"]["run_id"])
         self.meta = {"run_id": config["output"]["run_id"], "num_classes": self.sampler.num_classes,
                      "seed": self.smoothing["seed"], "n0": self.smoothing["n0"], "n": self.smoothing["n"],
                      "denoiser_id": models["denoiser"]["uri"], "classifier_id": models["classifier"]["name"],

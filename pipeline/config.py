@@ -13,8 +13,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
+from pipeline.errors import MsdsmoothError
 
-class ConfigError(ValueError):
+
+class ConfigError(MsdsmoothError, ValueError):
     """A configuration value is missing, unknown or invalid; the message names the key."""
 
 
@@ -221,6 +223,28 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def changed_keys(previous: Mapping, current: Mapping, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config mappings (sorted)."""
+    out = []
+    for k in sorted(set(previous) | set(current), key=str):
+        a, b, key = previous.get(k), current.get(k), f"{prefix}{k}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += changed_keys(a, b, f"{key}.")
+        elif a != b:
+            out.append(key)
+    return out
+
+
+def refuse_changed(key: str, name: str, previous: Mapping, current: Mapping) -> None:
+    """The one "config changed on resume" rule: ConfigError naming ``key`` (e.g. output.run_id)
+    and every setting that differs when ``previous`` (what the existing run recorded) and
+    ``current`` (what this submission would do) disagree."""
+    diff = changed_keys(previous, current)
+    if diff:
+        raise ConfigError(f"{key}: {name} exists with a different config ({', '.join(diff)} differ); "
+                          f"use a new {key.rsplit('.', 1)[-1]} or the original settings")
+
+
 def validate_sections(raw: Any, schema: Mapping[str, Check], require_all: bool = True) -> dict[str, Any]:
     """Check every section of ``raw`` with ``schema``; unknown sections (and, with
     ``require_all``, missing ones) are :class:`ConfigError` naming the section."""
@@ -268,8 +292,14 @@ def read_yaml(path: str, overrides: Sequence[str] = ()) -> dict:
     """A YAML file (local path or fsspec URI) as a dict, with the overrides applied."""
     import fsspec
 
-    with fsspec.open(path, "r") as f:
-        return with_overrides(yaml.safe_load(f) or {}, overrides)
+    try:
+        with fsspec.open(path, "r") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--config {path}: no such file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    return with_overrides(raw, overrides)
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:

@@ -25,6 +25,12 @@ def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(uri)
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (where an atomic rename exists)."""
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocol))
+
+
 def default_cache_dir() -> str:
     """$MSDSMOOTH_CACHE, else ~/.cache/msdsmooth."""
     return os.environ.get("MSDSMOOTH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "msdsmooth")
@@ -40,7 +46,7 @@ def fetch_to_cache(uri: str, cache_dir: str | None = None) -> str:
     never see a partial copy.
     """
     fs, path = url_to_fs(uri)
-    if "file" in fs.protocol:
+    if is_local(fs):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{uri} does not exist")
         return path

@@ -164,11 +164,11 @@ def test_module_entry_point(tmp_path, table):
 
 
 def test_reads_what_the_pipeline_writes(tmp_path, table):
-    """A run directory written by pipeline.counts_io.RunStore, as a cascade-mode run leaves it."""
-    from pipeline.counts_io import RunStore
+    """A run directory written by pipeline.run_dir.RunDirectory, as a cascade-mode run leaves it."""
+    from pipeline.run_dir import RunDirectory
     from pipeline.counts_schema import COUNTS_SCHEMA
 
-    store = RunStore(f"file://{tmp_path}/runs", "cascade-run")
+    store = RunDirectory(f"file://{tmp_path}/runs", "cascade-run")
     smoothing = {"sigmas": [0.25, 0.5, 1.0], "mode": "cascade", "p0": 0.5, "alpha": 0.01, "schedule": "bonferroni"}
     store.write_manifest({"run_id": "cascade-run", "config": {"smoothing": smoothing}})
     full = certify_table(table, alpha=0.01)

@@ -1,4 +1,4 @@
-"""RunStore: content-named atomic files, resume listing, duplicate compaction (local and S3)."""
+"""RunDirectory: content-named atomic files, resume listing, duplicate compaction (local and S3)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.certify_actor import sparse_lists
-from pipeline.counts_io import RunStore, keys_digest
+from pipeline.run_dir import RunDirectory, keys_digest
 from pipeline.counts_schema import COUNTS_SCHEMA
 
 
@@ -27,9 +27,9 @@ def rows(keys, n=5) -> pa.Table:
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     if request.param == "local":
-        return RunStore(f"file://{tmp_path}/runs", "r")
+        return RunDirectory(f"file://{tmp_path}/runs", "r")
     bucket = request.getfixturevalue("s3_bucket")
-    return RunStore(f"s3://{bucket}/runs", "r")
+    return RunDirectory(f"s3://{bucket}/runs", "r")
 
 
 def test_sparse_lists_match_dense():

@@ -32,9 +32,10 @@ from jobs.certify import run
 from jobs.make_shards import make_shards
 from pipeline.certification import FALL_THROUGH, SparseCounts, cascade_stage_outcome
 from pipeline.config import config_from_dict
-from pipeline.counts_io import RunStore
+from pipeline.run_dir import RunDirectory
 from pipeline.counts_schema import COUNTS_SCHEMA, ERRORS_SCHEMA
-from pipeline.data import StorageError, resize_image
+from pipeline.errors import StorageError
+from pipeline.images import resize_image
 from pipeline.models.factory import create_denoise_classify
 from pipeline.sampling import MonteCarloSampler
 
@@ -85,7 +86,7 @@ def make_config(models, bucket, run_id, *overrides, fmt="parquet"):
         f"output.uri=s3://{bucket}/runs", f"output.run_id={run_id}", *overrides])
 
 
-def read_dir(store: RunStore, directory: str) -> pa.Table | None:
+def read_dir(store: RunDirectory, directory: str) -> pa.Table | None:
     store.fs.invalidate_cache(directory)
     paths = [p for p in store.fs.ls(directory, detail=False) if not p.rsplit("/", 1)[1].startswith(".")] \
         if store.fs.exists(directory) else []
@@ -98,7 +99,7 @@ def read_dir(store: RunStore, directory: str) -> pa.Table | None:
     return pa.concat_tables(tables)
 
 
-def counts_of(store: RunStore) -> pa.Table:
+def counts_of(store: RunDirectory) -> pa.Table:
     return read_dir(store, store.counts_dir).sort_by([("image_id", "ascending"), ("sigma", "ascending")])
 
 
@@ -122,7 +123,7 @@ def dense(classes, values, num_classes=10) -> np.ndarray:
 def full_run(ray_local, models, bucket, shards):
     cfg = make_config(models, bucket, "full")
     summary = run(cfg)
-    return cfg, summary, RunStore(cfg.output["uri"], "full")
+    return cfg, summary, RunDirectory(cfg.output["uri"], "full")
 
 
 def test_full_run_matches_in_process_sampler(full_run, images, models):
@@ -199,7 +200,7 @@ def test_config_change_refuses_resume(full_run):
 
 def test_killed_actor_loses_and_duplicates_nothing(ray_local, models, bucket, shards):
     cfg = make_config(models, bucket, "killed", "smoothing.n=256", "compute.images_per_call=1")
-    store = RunStore(cfg.output["uri"], "killed")
+    store = RunDirectory(cfg.output["uri"], "killed")
     result = {}
     thread = threading.Thread(target=lambda: result.update(run(cfg)))
     thread.start()
@@ -224,7 +225,7 @@ def test_cascade_mode_webdataset(ray_local, models, bucket, shards):
     cfg = make_config(models, bucket, "cascade", "smoothing.mode=cascade", "smoothing.sigmas=[0.12, 0.25, 0.5]",
                       "smoothing.p0=0.6", "smoothing.alpha=0.2", "smoothing.n=64", fmt="webdataset")
     summary = run(cfg)
-    store = RunStore(cfg.output["uri"], "cascade")
+    store = RunDirectory(cfg.output["uri"], "cascade")
     rows = counts_of(store).to_pylist()
     s = cfg.smoothing
     levels = sorted(s["sigmas"], reverse=True)
@@ -335,7 +336,7 @@ def test_ray_job_submit(ray_head, models, bucket, shards):
             break
         time.sleep(3)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    store = RunStore(f"s3://{bucket}/runs", "submitted")
+    store = RunDirectory(f"s3://{bucket}/runs", "submitted")
     table = counts_of(store)
     assert_exactly_once(table, (0.25, 0.5))
     assert '"errors": 1' in out.stdout and "images/s" in out.stdout

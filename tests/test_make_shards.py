@@ -1,4 +1,4 @@
-"""make_shards: folder -> Parquet/WebDataset shards (local and S3), read back by pipeline.data."""
+"""make_shards: folder -> Parquet/WebDataset shards (local and S3), read back by pipeline.shards."""
 from __future__ import annotations
 
 import csv
@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from jobs.make_shards import list_images, make_shards
-from pipeline.data import StorageError, list_shards, resize_image, scan_image_ids, select_ids
+from pipeline.errors import StorageError
+from pipeline.images import resize_image
+from pipeline.shards import list_shards, scan_image_ids, select_ids
 from pipeline.storage import url_to_fs
 
 CLASSES = ("n02", "n01", "n03")  # not sorted on purpose

@@ -19,7 +19,7 @@ from diffusers.models.attention_processor import Attention
 from pipeline.models.adm import adm_unet_config, convert_adm_state_dict
 from pipeline.diffusion import NoiseSchedule, diffusion_input, predict_x0, timestep_for_sigma
 from pipeline.models.presets import preset
-from pipeline.storage import fetch_to_cache, load_state_dict_strict, read_state_dict, url_to_fs
+from pipeline.storage import fetch_to_cache, is_local, load_state_dict_strict, read_state_dict, url_to_fs
 
 SPEC_KEYS = frozenset({"uri", "preset", "adm_config", "schedule"})
 UNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -139,7 +139,7 @@ def save_denoiser(denoiser: Denoiser, path: str) -> None:
     nothing, for a model its config cannot rebuild (ADM with mixed attention head dims)."""
     _check_config_round_trip(denoiser.unet)
     fs, target = url_to_fs(path)
-    if "file" in fs.protocol:
+    if is_local(fs):
         _write_folder(denoiser, target)
         return
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,8 +8,8 @@ Guarantees:
   renamed (``os.replace``); object stores get a single PUT. Readers only look at final names.
 * A file's name is a hash of the (image_id, sigma) keys it holds. Noise is reproducible, so a
   retried task rewrites identical content under the same name: retries never duplicate rows.
-* :meth:`RunStore.done_keys` lists the rows already written, for resume;
-  :meth:`RunStore.compact_duplicates` leaves every key in exactly one file.
+* :meth:`RunDirectory.done_keys` lists the rows already written, for resume;
+  :meth:`RunDirectory.compact_duplicates` leaves every key in exactly one file.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.counts_schema import COUNTS_SCHEMA, ERRORS_SCHEMA
-from pipeline.storage import url_to_fs
+from pipeline.storage import is_local, url_to_fs
 
 Key = tuple[str, float]
 
@@ -37,18 +37,13 @@ def keys_digest(keys: Iterable[Key]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return bool({"file", "local"} & set(protocol))
-
-
 def _table_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
 
 
-class RunStore:
+class RunDirectory:
     """One run's directory on any fsspec filesystem (pickles to Ray workers)."""
 
     def __init__(self, output_uri: str, run_id: str):
@@ -67,7 +62,7 @@ class RunStore:
     def put(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` atomically (whole or not at all)."""
         directory = path.rsplit("/", 1)[0]
-        if _is_local(self.fs):
+        if is_local(self.fs):
             os.makedirs(directory, exist_ok=True)
             tmp = f"{directory}/.tmp-{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:

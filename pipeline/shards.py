@@ -11,29 +11,18 @@ Guarantees:
 """
 from __future__ import annotations
 
-import io
 import tarfile
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.errors import StorageError, describe
+from pipeline.images import resize_image
 from pipeline.storage import url_to_fs
 
 SHARD_SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-class StorageError(RuntimeError):
-    """Storage cannot be reached, read or written; raised before any model work."""
-
-
-def describe(exc: BaseException) -> str:
-    """A one-line cause for a storage exception, with a hint for missing credentials."""
-    text = f"{type(exc).__name__}: {exc}"
-    if "Credentials" in type(exc).__name__ or "credential" in str(exc).lower():
-        text += " (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role in the environment)"
-    return text
 
 
 def list_shards(uri: str, fmt: str) -> tuple[Any, list[str]]:
@@ -117,26 +106,6 @@ def read_shards(fs: Any, shards: list[str], fmt: str, columns: Mapping[str, str]
     if found and len(found) != len(shards):
         raise StorageError(f"Ray found {len(found)} shards, expected {len(shards)}: some paths did not resolve")
     return ds
-
-
-def resize_image(data: bytes, resolution: int, resize: int | None, crop: str, interpolation: str) -> np.ndarray:
-    """Decode, convert to RGB, resize (shorter side to ``resize``) and centre-crop to a square."""
-    from PIL import Image
-
-    method = getattr(Image.Resampling, interpolation.upper())
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        if crop == "none":
-            img = img.resize((resolution, resolution), method)
-        else:
-            short = resize or resolution
-            w, h = img.size
-            scale = short / min(w, h)
-            img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))), method)
-            w, h = img.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            img = img.crop((left, top, left + resolution, top + resolution))
-        return np.asarray(img, dtype=np.uint8)
 
 
 def _image_bytes(value: Any) -> bytes | None:

@@ -12,11 +12,7 @@ from diffusers import UNet2DModel
 
 from pipeline.models.adm import AdmStateDictMismatch, adm_unet_config, convert_adm_state_dict
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = next(
-    (p for p in (REPO / "shared/fixtures/adm", REPO.parent / "shared/fixtures/adm") if p.is_dir()),
-    REPO.parent / "shared/fixtures/adm",
-)
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "adm"
 NAMES = ("guided-small", "improved-small")
 
 # The real checkpoints' hyperparameters (fixtures README).

@@ -20,8 +20,9 @@ from pipeline.models.adm import adm_unet_config
 from pipeline.models.denoiser import Denoiser, load_denoiser, save_denoiser
 from pipeline.models.factory import DenoiseAndClassify, create_denoise_classify, model_checksums
 from pipeline.models.presets import PRESETS
+from tests.golden import TIMESTEPS
 
-FIXTURES = Path("/work/shared/fixtures/adm")
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "adm"
 ADM_SCHEDULES = {
     "guided-small": {"beta_schedule": "linear", "num_train_timesteps": 1000},
     "improved-small": {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 4000, "rescale_timesteps": True},
@@ -69,7 +70,8 @@ def test_forward_matches_direct_computation(out_channels, schedule):
     assert got.shape == x_noisy.shape and got.min() >= 0 and got.max() <= 1
     np.testing.assert_allclose(got.double().numpy(), reference_x0(unet, x_noisy, sigma, schedule), atol=2e-5)
     assert denoiser.image_size == 32
-    assert denoiser.timesteps(sigma).tolist() == ([145, 259, 396] if out_channels == 3 else [1158, 1984, 2809])
+    table = TIMESTEPS[schedule.beta_schedule, schedule.num_train_timesteps]
+    assert denoiser.timesteps(sigma).tolist() == [table[float(s)] for s in sigma]
 
 
 def test_scalar_sigma_and_dtype_casts_keep_the_schedule():

@@ -9,6 +9,7 @@ import torch
 
 from pipeline.diffusion import (NoiseSchedule, adm_beta_range, alphas_cumprod_for, diffusion_input, predict_x0,
                                 timestep_for_sigma)
+from tests.golden import TIMESTEPS
 
 
 def adm_alphas_cumprod(schedule: str, steps: int) -> np.ndarray:
@@ -31,11 +32,9 @@ def test_alphas_cumprod_match_original_schedules(schedule, steps):
     np.testing.assert_allclose(acp.numpy(), ref, rtol=2e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("schedule,steps,expected", [
-    ("linear", 1000, [145, 259, 396]),
-    ("squaredcos_cap_v2", 4000, [1158, 1984, 2809]),
-])
-def test_timestep_table(schedule, steps, expected):
+@pytest.mark.parametrize("schedule,steps", sorted(TIMESTEPS))
+def test_timestep_table(schedule, steps):
+    expected = list(TIMESTEPS[schedule, steps].values())
     acp = alphas_cumprod_for(schedule, steps)
     t = timestep_for_sigma(acp, torch.tensor([0.25, 0.5, 1.0]))
     assert t.dtype == torch.int64

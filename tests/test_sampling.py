@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 from pipeline.models.factory import create_denoise_classify
 from pipeline.rng import gaussian_noise, noise_keys
 from pipeline.sampling import MonteCarloSampler, SampleCounts
+from tests.golden import TIMESTEPS
 
 torch.set_num_threads(1)
 
@@ -51,7 +52,8 @@ def test_shapes_and_totals(reference: SampleCounts):
         assert c.dtype == np.int64 and c.shape == (3, 2, 10) and (c >= 0).all()
     assert (reference.counts0.sum(-1) == 5).all() and (reference.counts.sum(-1) == 24).all()
     assert reference.pred_clean.dtype == np.int64 and reference.pred_clean.shape == (3,)
-    np.testing.assert_array_equal(reference.timesteps, [145, 259])  # DESIGN.md / issue 3 table
+    table = TIMESTEPS["linear", 1000]
+    np.testing.assert_array_equal(reference.timesteps, [table[s] for s in SIGMAS])
 
 
 def test_counts_match_direct_computation(model, images, reference):

@@ -56,3 +56,45 @@ def test_malformed_logs_name_column_and_idx(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(LegacyLogError, match=message):
         read_legacy_log(str(path), "bad")
+
+
+# As Jeong & Shin's certify script writes it (10 columns; predict -2: the cascade stopped).
+MULTISCALE_LOG = """idx\tlabel\tpredict\tradius\tr_neg\tcorrect\tpred_uc\tcorr_uc\tstage\ttime
+0\t3\t3\t0.75\t0.1\t1\t3\t1\t0\t0:00:02.5
+50\t8\t-2\t0.0\t0.0\t0\t8\t1\t2\t0:00:03.0
+100\t1\t-1\t0.0\t0.0\t0\t2\t0\t1\t0:00:02.9
+150\t4\t4\t1.5\t0.2\t1\t4\t1\t0\t0:00:02.7
+"""
+
+
+def test_reads_multiscale_format_with_stop_code(tmp_path):
+    path = tmp_path / "mdds.tsv"
+    path.write_text(MULTISCALE_LOG)
+    got = read_legacy_log(str(path), "Jeong & Shin")
+    assert got["pred"].tolist() == [3, -1, -1, 4]  # -2 (stop) is the abstain code -1 here
+    assert got["correct"].tolist() == [True, False, False, True]
+    np.testing.assert_allclose(got["radius"], [0.75, 0.0, 0.0, 1.5])
+    summary = summarize(got, [0.0, 1.0]).iloc[0]
+    assert (summary["r=0"], summary["r=1"], summary["abstain_rate"]) == (0.5, 0.25, 0.5)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("", r"empty\.tsv: empty file"),
+        ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n", r"empty\.tsv: no rows"),
+        ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n3\t1\t1\tinf\t1\t0\n", r"'radius'.*inf.*idx=3"),
+        ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n3\t1\t1\t-0.5\t1\t0\n", r"'radius'.*idx=3"),
+        ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n5\t1\t-2\t0\t0\t0\n", r"'predict'.*-2.*idx=5"),
+    ],
+)
+def test_empty_and_non_finite_logs_are_refused_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "empty.tsv"
+    path.write_text(text)
+    with pytest.raises(LegacyLogError, match=message):
+        read_legacy_log(str(path), "x")
+
+
+def test_missing_log_names_the_file(tmp_path):
+    with pytest.raises(LegacyLogError, match="nope.tsv: no such file"):
+        read_legacy_log(str(tmp_path / "nope.tsv"), "x")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis import concat_results, plot_certified_accuracy, summarize, to_latex, to_markdown
-from analysis.plot import certified_accuracy_curve
+from analysis.plot import certified_accuracy_curve, certified_accuracy_figure
 from analysis.results import results_frame
 
 RADII = (0.0, 0.25, 0.5, 1.0, 1.7)
@@ -77,3 +77,10 @@ def test_plot_curve_and_png(results):
     np.testing.assert_allclose(certified_accuracy_curve(radius, correct, grid), expected)
     png = plot_certified_accuracy(results, max_radius=2.0)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_plot_names_its_unit_and_run_and_styles_differ(results):
+    (ax,) = certified_accuracy_figure(results, max_radius=2.0, title="run r1").axes
+    assert "pixel units in [0, 1]" in ax.get_xlabel() and ax.get_title() == "run r1"
+    styles = [line.get_linestyle() for line in ax.get_lines()]
+    assert len(styles) == results["method"].nunique() and len(set(styles)) == len(styles)

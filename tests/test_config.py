@@ -96,3 +96,50 @@ def test_content_key_ignores_compute_output_and_cache(raw):
     c = config_from_dict(raw, ["smoothing.n=17"])
     assert a.content_key() == b.content_key()
     assert a.content_key() != c.content_key()
+
+
+def test_missing_or_malformed_config_file_is_a_one_line_error(tmp_path, capsys):
+    from jobs.cli import run_config_job
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {uri: x\nmodels: [")
+    with pytest.raises(ConfigError, match=r"--config .*nope\.yaml: no such file"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match=r"--config .*bad\.yaml: not valid YAML: .*line"):
+        load_config(str(bad))
+    for path in (tmp_path / "nope.yaml", bad):
+        assert run_config_job(["--config", str(path)], "t", "k=v", load_config, lambda cfg: {}) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --config ") and "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback(raw, tmp_path):
+    """Only the project's own errors become one-line messages: a ValueError from a bug propagates."""
+    from jobs.cli import run_config_job
+
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    def buggy(cfg):
+        raise ValueError("a bug, not a config problem")
+
+    with pytest.raises(ValueError, match="a bug"):
+        run_config_job(["--config", str(path)], "t", "k=v", load_config, buggy)
+
+
+def test_a_project_error_raised_inside_a_ray_task_keeps_its_traceback(raw, tmp_path):
+    """Ray re-raises a task's error as a subclass of the remote type: still shown in full."""
+    from ray.exceptions import RayTaskError
+
+    from jobs.cli import run_config_job
+
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    remote = RayTaskError("decode", "Traceback (remote) ...", ConfigError("x: raised in a worker")).as_instanceof_cause()
+    assert isinstance(remote, ConfigError)
+
+    def fails_remotely(cfg):
+        raise remote
+
+    with pytest.raises(RayTaskError):
+        run_config_job(["--config", str(path)], "t", "k=v", load_config, fails_remotely)

@@ -5,13 +5,20 @@ device batches of one fixed size that mix images and sigmas (per-sample sigma, h
 timestep); the last batch is padded and its padding masked out. Noise comes from
 :mod:`pipeline.rng`, so counts do not depend on the batch size, on which images share a call,
 or on retries. Argmax and counting stay on the device (``index_add_`` into a fixed-size counts
-tensor); a call makes one device-to-host transfer, at its end.
+tensor); a fixed-n call makes one device-to-host transfer, at its end.
+
+Sequential sampling (:meth:`MonteCarloSampler.sample_sequential`) draws the estimation samples
+of each (image, sigma) pair up to pre-declared looks and asks a stopping rule at each look which
+pairs are decided; the pairs still sampling share full, fixed-shape device batches, and the
+host sees the counts only at look boundaries. The k-th sample of a pair is the same noise as in
+the fixed path, so a pair's counts after k samples do not depend on batch size, on which
+pairs share a batch, or on when other pairs stopped.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +36,19 @@ class SampleCounts:
     counts: np.ndarray  # int64 [N, S, C] estimation counts (n per row)
     pred_clean: np.ndarray  # int64 [N] classifier on the clean image
     timesteps: np.ndarray  # int64 [S] diffusion timestep used for each sigma
+
+
+@dataclass
+class SequentialCounts(SampleCounts):
+    """Counts of one :meth:`MonteCarloSampler.sample_sequential` call: ``counts`` rows hold the
+    ``n`` estimation samples actually drawn for each pair."""
+
+    n: np.ndarray  # int64 [N, S] estimation samples drawn (a look's sample count)
+    stopped_look: np.ndarray  # int64 [N, S] index of the look at which sampling stopped
+
+
+# stop(look index, counts0 [P, C], counts [P, C], n drawn [P]) -> bool [P]: True = decided, stop.
+StopRule = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def default_device() -> torch.device:
@@ -109,16 +129,100 @@ class MonteCarloSampler:
         item = item.clamp(max=total - 1)
         pair, within = item // per_pair, item % per_pair  # pair = image * S + sigma index
         phase = (within >= n0).long()
-        sample_index = within - n0 * phase
-        slot = pair * 2 + phase  # (image, sigma, phase) row of keys and counts
+        self._count_items(x, keys, sigma, counts, pair * 2 + phase, within - n0 * phase, valid)
+
+    def _count_items(self, x: torch.Tensor, keys: torch.Tensor, sigma: torch.Tensor, counts: torch.Tensor,
+                     slot: torch.Tensor, sample_index: torch.Tensor, valid: torch.Tensor) -> None:
+        """Adds the argmax class of sample ``sample_index`` of each (image, sigma, phase) ``slot``
+        (counted where ``valid``) to ``counts``; one device batch, no host sync."""
+        pair = slot // 2
         image, sigma_b = pair // sigma.numel(), sigma[pair % sigma.numel()]
         eps = gaussian_noise(keys[slot], sample_index, tuple(x.shape[1:]))
         x_noisy = x.index_select(0, image) + sigma_b.float().view(-1, 1, 1, 1) * eps
         logits = self._logits(x_noisy.contiguous(memory_format=self.memory_format), sigma_b)
         counts.index_add_(0, slot * self.num_classes + logits.argmax(dim=1), valid.long())
 
+    def sample_sequential(self, images, image_ids: Sequence[str], sigmas: Sequence[float], n0: int,
+                          looks: Sequence[int], stop: StopRule, seed: int) -> SequentialCounts:
+        """Selection counts (n0 per pair) and estimation counts drawn up to the looks until ``stop``.
+
+        ``looks`` are increasing estimation sample counts (the last is n_max). Every pair draws
+        its selection samples and its first ``looks[0]`` estimation samples; at look j,
+        ``stop(j, counts0, counts, n)`` (host arrays of the pairs still sampling) returns which
+        of them are decided; the others draw on to ``looks[j + 1]``. Every pair stops at the last
+        look. A pair's counts at a look are exactly those the fixed path draws with n = that look.
+        """
+        x = torch.as_tensor(images).to(self.device, torch.float32)
+        looks = [int(v) for v in looks]
+        if x.ndim != 4 or len(image_ids) != x.shape[0] or n0 < 0 or not looks or looks[0] < 1 \
+                or any(b <= a for a, b in zip(looks, looks[1:])):
+            raise ValueError(f"need images [N, C, H, W], N image_ids, n0 >= 0 and increasing looks >= 1; got "
+                             f"{tuple(x.shape)}, {len(image_ids)} ids, n0={n0}, looks={looks}")
+        num_images, num_sigmas, classes = x.shape[0], len(sigmas), self.num_classes
+        num_pairs = num_images * num_sigmas
+        keys = np.empty((num_images, num_sigmas, 2), dtype=np.int64)
+        for s, sigma in enumerate(sigmas):
+            for phase in (PHASE_SELECTION, PHASE_ESTIMATION):
+                keys[:, s, phase] = noise_keys(seed, image_ids, sigma, phase)
+        keys_dev = torch.from_numpy(keys.reshape(-1)).to(self.device)
+        sigma_dev = torch.tensor([float(s) for s in sigmas], dtype=torch.float64, device=self.device)
+        counts = torch.zeros(num_pairs * 2 * classes, dtype=torch.int64, device=self.device)
+        drawn = np.zeros(num_pairs, dtype=np.int64)
+        stopped_look = np.full(num_pairs, -1, dtype=np.int64)
+        active = np.arange(num_pairs)
+        host = np.zeros((num_pairs, 2, classes), dtype=np.int64)
+        with torch.inference_mode(), self.autocast():
+            for j, target in enumerate(looks):
+                # work items of this round: (slot, sample index) for every pair still sampling
+                ranges = [(active * 2 + PHASE_ESTIMATION, drawn[active], np.full(active.size, target))]
+                if j == 0:
+                    ranges.append((active * 2 + PHASE_SELECTION, np.zeros(active.size, np.int64),
+                                   np.full(active.size, n0)))
+                slot = np.concatenate([np.repeat(sl, hi - lo) for sl, lo, hi in ranges])
+                index = np.concatenate([_ranges(lo, hi) for _, lo, hi in ranges])
+                self._count_round(x, keys_dev, sigma_dev, counts, slot, index)
+                drawn[active] = target
+                host[active] = counts.view(num_pairs, 2, classes)[torch.from_numpy(active).to(self.device)].cpu().numpy()
+                done = np.ones(active.size, dtype=bool) if j == len(looks) - 1 else np.asarray(
+                    stop(j, host[active, PHASE_SELECTION], host[active, PHASE_ESTIMATION], drawn[active]), dtype=bool)
+                stopped_look[active[done]] = j
+                active = active[~done]
+                if active.size == 0:
+                    break
+            pred_clean = self._predict_clean(x).cpu().numpy()
+            timesteps = self.model.denoiser.timesteps(sigma_dev).to(torch.int64).reshape(num_sigmas).cpu().numpy()
+        per_pair = host.reshape(num_images, num_sigmas, 2, classes)
+        return SequentialCounts(
+            counts0=per_pair[:, :, PHASE_SELECTION].copy(), counts=per_pair[:, :, PHASE_ESTIMATION].copy(),
+            pred_clean=pred_clean, timesteps=timesteps,
+            n=drawn.reshape(num_images, num_sigmas), stopped_look=stopped_look.reshape(num_images, num_sigmas))
+
+    def _count_round(self, x: torch.Tensor, keys: torch.Tensor, sigma: torch.Tensor, counts: torch.Tensor,
+                     slot: np.ndarray, index: np.ndarray) -> None:
+        """The work items (slot, sample index) in full device batches of ``batch_size``; the last
+        batch is padded with a repeat of item 0, masked out."""
+        total = slot.size
+        if total == 0:
+            return
+        padded = -(-total // self.batch_size) * self.batch_size
+        valid = torch.arange(padded, device=self.device) < total
+        slot_dev = torch.from_numpy(np.pad(slot, (0, padded - total))).to(self.device)
+        index_dev = torch.from_numpy(np.pad(index, (0, padded - total))).to(self.device)
+        for start in range(0, padded, self.batch_size):
+            part = slice(start, start + self.batch_size)
+            self._count_items(x, keys, sigma, counts, slot_dev[part], index_dev[part], valid[part])
+
     def _predict_clean(self, x: torch.Tensor) -> torch.Tensor:
         """Argmax of ``classify_clean`` per image, in chunks of the batch size, on the device."""
         preds = [self.model.classify_clean(chunk.contiguous(memory_format=self.memory_format)).argmax(dim=1)
                  for chunk in x.split(self.batch_size)]
         return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=self.device)
+
+
+def _ranges(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(low[i], high[i]) over i, vectorised."""
+    lengths = high - low
+    if lengths.sum() == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(low - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return (starts + np.arange(lengths.sum())).astype(np.int64)

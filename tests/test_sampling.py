@@ -10,10 +10,10 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch.overrides import TorchFunctionMode
 
-from pipeline.models.factory import create_denoise_classify
 from pipeline.rng import gaussian_noise, noise_keys
 from pipeline.sampling import MonteCarloSampler, SampleCounts
 from tests.golden import TIMESTEPS
+from tests.tiny_models import tiny_model
 
 torch.set_num_threads(1)
 
@@ -21,20 +21,10 @@ SIGMAS = [0.25, 0.5]
 IDS = ["img-a", "img-b", "img-c"]
 
 
-TINY_DENOISER = {
-    "adm_config": {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "attention_resolutions": "8",
-                   "channel_mult": (1, 2), "num_head_channels": 16, "learn_sigma": True, "resblock_updown": True,
-                   "use_scale_shift_norm": True},
-    "schedule": {"beta_schedule": "linear", "num_train_timesteps": 1000},
-}
-TINY_CLASSIFIER = {"name": "vit_tiny_patch16_224", "num_classes": 10, "input_size": [3, 16, 16],
-                   "model_kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}}
-
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return create_denoise_classify(TINY_DENOISER, TINY_CLASSIFIER)
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ Typical use::
     summary = analysis.summarize(results, radii=[0, 0.5, 1.0])
     print(analysis.to_markdown(summary))
 """
-from analysis.counts import Counts, CountsError, load_counts, read_counts, skipped_images, validate_counts
+from analysis.counts import CountsError, CountsTable, load_counts, read_counts, skipped_images, validate_counts
 from analysis.io import RunFiles, resolve_run
 from analysis.legacy import LegacyLogError, read_legacy_log, write_legacy_log
 from analysis.plot import plot_certified_accuracy
@@ -16,8 +16,8 @@ from analysis.results import RESULT_COLUMNS, cascade_method, certify_table, conc
 from analysis.summary import DEFAULT_RADII, summarize, to_latex, to_markdown
 
 __all__ = [
-    "Counts",
     "CountsError",
+    "CountsTable",
     "DEFAULT_RADII",
     "LegacyLogError",
     "RESULT_COLUMNS",

@@ -1,6 +1,6 @@
 """Read counts tables (DESIGN.md section 4), validate them and view them as SparseCounts.
 
-Guarantee: a ``Counts`` exists only for a table that meets the contract: every required
+Guarantee: a ``CountsTable`` exists only for a table that meets the contract: every required
 column present with its type and no nulls; one row per (image_id, sigma) (identical
 duplicates are dropped); non-negative counts with classes strictly ascending in [0, C); one C
 for the whole table; counts summing to n0 / n; one label per image in [-1, C). Anything
@@ -39,7 +39,7 @@ def _fail(table: pa.Table, column: str, problem: str, row: int = 0) -> CountsErr
 
 
 @dataclass(frozen=True)
-class Counts:
+class CountsTable:
     """A validated, de-duplicated counts table as arrays, one entry per (image, sigma) row."""
 
     table: pa.Table  # the de-duplicated rows, required columns only
@@ -133,7 +133,7 @@ def _sparse(table: pa.Table, classes_col: str, values_col: str, total_col: str, 
     return SparseCounts(offsets=offsets, classes=classes.astype(np.int64), values=values.astype(np.int64))
 
 
-def validate_counts(table: pa.Table) -> Counts:
+def validate_counts(table: pa.Table) -> CountsTable:
     """Check ``table`` against the counts contract and return its array view (see module doc)."""
     _check_columns(table)
     if table.num_rows == 0:
@@ -169,7 +169,7 @@ def validate_counts(table: pa.Table) -> Counts:
     if bad.size:
         raise _fail(table, "label", "differs between the rows of one image", int(bad[0]))
     counts0, counts = (_sparse(table, *cols, num_classes=classes) for cols in COUNT_COLUMNS)
-    return Counts(
+    return CountsTable(
         table=table,
         image_ids=image_ids,
         image=image,

@@ -1,9 +1,15 @@
 """Find the Parquet files of a run on any fsspec URI (local path, file://, s3://) and read them.
 
-A *run directory* ``{output}/{run_id}`` holds ``counts/*.parquet``, possibly
-``errors/*.parquet`` and ``manifest.json``. A URI may also name a counts directory or a
-single Parquet file. Files whose name (or any folder below the URI) starts with ``.`` or
-``_``, or that end in ``.tmp``, are in-progress or bookkeeping files and are never read.
+A URI names one of:
+
+* a *run directory* ``{output}/{run_id}`` (it has a ``counts/`` folder), or a run's counts
+  folder itself (any folder named ``counts``): its files are exactly those :class:`pipeline.run_dir.RunDirectory` lists for
+  resume and compaction (``counts/part-*.parquet``, ``errors/err-*.parquet``; hidden in-progress
+  names skipped; any other file there is a ``RunDirectoryError`` naming it), plus the manifest;
+* any other folder of Parquet files (searched recursively; names starting with ``.`` or ``_``,
+  in any folder below the URI, and names ending in ``.tmp`` are in-progress or bookkeeping
+  files and never read);
+* a single Parquet file.
 """
 from __future__ import annotations
 
@@ -16,6 +22,8 @@ from dataclasses import dataclass
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.run_dir import RunDirectory
 
 
 @dataclass(frozen=True)
@@ -40,15 +48,14 @@ def _is_temporary(relative: str) -> bool:
     return any(p.startswith((".", "_")) for p in parts) or relative.endswith(".tmp")
 
 
-def list_parquet(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Sorted ``.parquet`` files under ``path`` (recursively), skipping temporary ones."""
-    root = path.rstrip("/")
-    found = [f for f in fs.find(root) if f.endswith(".parquet")]
-    return sorted(f for f in found if not _is_temporary(posixpath.relpath(f, root)))
+def _folder_parquet(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Sorted ``.parquet`` files under a folder that is not a run's (recursively), skipping temporary ones."""
+    found = [f for f in fs.find(path) if f.endswith(".parquet")]
+    return sorted(f for f in found if not _is_temporary(posixpath.relpath(f, path)))
 
 
 def resolve_run(uri: str) -> RunFiles:
-    """The counts and error files that ``uri`` (run dir, counts dir or file) refers to.
+    """The counts and error files that ``uri`` (run dir, counts dir or file) refers to (see module doc).
 
     Raises FileNotFoundError when there is no counts file to read.
     """
@@ -58,12 +65,14 @@ def resolve_run(uri: str) -> RunFiles:
         raise FileNotFoundError(f"{uri}: no such file or directory")
     if fs.isfile(path):
         return RunFiles(fs, (path,))
+    if path.rsplit("/", 1)[-1] == "counts":  # a run's counts folder: the run directory's own listing
+        run = RunDirectory.at(uri.rstrip("/").rpartition("/")[0])
+        return RunFiles(run.fs, _require(run.counts_files(), uri))
     if not fs.isdir(f"{path}/counts"):
-        return RunFiles(fs, _require(list_parquet(fs, path), uri))
-    errors = list_parquet(fs, f"{path}/errors") if fs.isdir(f"{path}/errors") else []
-    manifest = f"{path}/manifest.json"
-    return RunFiles(fs, _require(list_parquet(fs, f"{path}/counts"), uri), tuple(errors),
-                    manifest if fs.isfile(manifest) else None)
+        return RunFiles(fs, _require(_folder_parquet(fs, path), uri))
+    run = RunDirectory.at(uri)
+    return RunFiles(run.fs, _require(run.counts_files(), uri), tuple(run.error_files()),
+                    run.manifest_path if run.fs.isfile(run.manifest_path) else None)
 
 
 def _require(counts: list[str], uri: str) -> tuple[str, ...]:

@@ -20,13 +20,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from analysis.counts import Counts, CountsError, validate_counts
+from analysis.counts import CountsError, CountsTable, validate_counts
 from pipeline.certification import (
-    FALL_THROUGH,
     SparseCounts,
     cascade_stage_outcome,
     certify_cascade_sparse,
     certify_sparse,
+    walk_cascade,
 )
 
 RESULT_COLUMNS = ("image_id", "label", "method", "pred", "radius", "correct", "fired_sigma", "pred_clean")
@@ -68,7 +68,7 @@ def results_frame(
     )
 
 
-def _match_sigmas(counts: Counts, sigmas: Sequence[float] | None) -> list[float]:
+def _match_sigmas(counts: CountsTable, sigmas: Sequence[float] | None) -> list[float]:
     present = counts.sigmas
     if sigmas is None:
         return present.tolist()
@@ -87,7 +87,7 @@ def _with_empty_row(counts: SparseCounts) -> SparseCounts:
     return SparseCounts(offsets=offsets, classes=counts.classes, values=counts.values)
 
 
-def single_sigma_results(counts: Counts, sigma: float, alpha: float) -> pd.DataFrame:
+def single_sigma_results(counts: CountsTable, sigma: float, alpha: float) -> pd.DataFrame:
     """Cohen CERTIFY at ``sigma`` for every image that has a row at ``sigma`` (sorted by image_id)."""
     rows = np.flatnonzero(counts.sigma == sigma)
     rows = rows[np.argsort(counts.image[rows])]
@@ -99,7 +99,7 @@ def single_sigma_results(counts: Counts, sigma: float, alpha: float) -> pd.DataF
     )
 
 
-def cascade_results(counts: Counts, sigmas: Sequence[float], alpha: float, p0: float, schedule: str) -> pd.DataFrame:
+def cascade_results(counts: CountsTable, sigmas: Sequence[float], alpha: float, p0: float, schedule: str) -> pd.DataFrame:
     """The cascade over ``sigmas`` for every image of the table, sorted by image_id (label and
     pred_clean from the top level's row)."""
     levels = sorted(sigmas, reverse=True)  # stage 0 = highest sigma
@@ -125,29 +125,29 @@ def cascade_results(counts: Counts, sigmas: Sequence[float], alpha: float, p0: f
 
 
 def _check_reached_levels(
-    counts: Counts, levels: list[float], row: np.ndarray, alpha: float, p0: float, schedule: str, method: str
+    counts: CountsTable, levels: list[float], row: np.ndarray, alpha: float, p0: float, schedule: str, method: str
 ) -> None:
     """CountsError naming an image if the cascade reaches a level for which it has no row."""
-    reached = np.ones(row.shape[1], dtype=bool)
-    for stage, sigma in enumerate(levels):
-        lacking = np.flatnonzero(reached & (row[stage] < 0))
+
+    def outcome(stage: int, reached: np.ndarray) -> np.ndarray:
+        lacking = reached[row[stage, reached] < 0]
         if lacking.size:
             why = "it is the top level" if stage == 0 else "every higher level fell through"
             raise CountsError(
-                f"{method}: image_id={counts.image_ids[lacking[0]]!r} has no row at sigma={sigma!r}, which the "
-                f"cascade needs ({why}; {lacking.size} image(s) affected). Cascade-mode runs only hold the "
+                f"{method}: image_id={counts.image_ids[lacking[0]]!r} has no row at sigma={levels[stage]!r}, which "
+                f"the cascade needs ({why}; {lacking.size} image(s) affected). Cascade-mode runs only hold the "
                 f"levels their own p0/alpha/schedule/sigmas reached."
             )
-        here = np.flatnonzero(reached)
-        outcome = cascade_stage_outcome(
-            stage, len(levels), counts.counts0.take(row[stage, here]), counts.counts.take(row[stage, here]),
-            alpha, p0, schedule,
+        rows = row[stage, reached]
+        return cascade_stage_outcome(
+            stage, len(levels), counts.counts0.take(rows), counts.counts.take(rows), alpha, p0, schedule
         )
-        reached[here[np.asarray(outcome) != FALL_THROUGH]] = False
+
+    walk_cascade(row.shape[1], len(levels), outcome)
 
 
 def certify_table(
-    table: pa.Table | Counts,
+    table: pa.Table | CountsTable,
     sigmas: Sequence[float] | None = None,
     cascades: Sequence[Sequence[float]] | None = None,
     p0: float = 0.5,
@@ -160,7 +160,7 @@ def certify_table(
     cascade over (default: one cascade over ``sigmas`` when there are at least two; pass
     ``[]`` for none). A counts ``pa.Table`` is validated first (``CountsError`` if bad).
     """
-    counts = table if isinstance(table, Counts) else validate_counts(table)
+    counts = table if isinstance(table, CountsTable) else validate_counts(table)
     singles = _match_sigmas(counts, sigmas)
     if cascades is None:
         cascades = [singles] if len(singles) > 1 else []

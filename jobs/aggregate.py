@@ -11,39 +11,19 @@ endpoint from AWS_ENDPOINT_URL). p0 / alpha / schedule default to the run manife
 settings it sampled with), else to 0.5 / 0.001 / bonferroni.
 
 Writes results.parquet (per image), summary.csv, summary.md, summary.tex and
-certified_accuracy.png into DIR and prints the markdown table. Everything is computed and
-validated first; the files are then written to a temporary sibling directory and moved
-into DIR, so bad input leaves DIR untouched. DIR may also be an fsspec URI (s3://...).
+certified_accuracy.png into DIR and prints the markdown table (analysis.report). Everything
+is computed and validated first; locally DIR is then replaced whole (all or nothing: bad input
+or a failed write leaves DIR as it was). DIR may also be an fsspec URI (s3://...).
 """
 from __future__ import annotations
 
 import argparse
-import io
-import os
-import shutil
 import sys
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
-
-from analysis import (
-    DEFAULT_RADII,
-    certify_table,
-    concat_results,
-    plot_certified_accuracy,
-    read_counts,
-    read_legacy_log,
-    resolve_run,
-    skipped_images,
-    summarize,
-    to_latex,
-    to_markdown,
-    validate_counts,
-)
-
-DEFAULTS = {"p0": 0.5, "alpha": 0.001, "schedule": "bonferroni"}
+from analysis.report import render_report, write_report
+from analysis.summary import DEFAULT_RADII
+from pipeline.errors import MsdsmoothError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -73,73 +53,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def render(args: argparse.Namespace) -> tuple[dict[str, bytes], str]:
-    """Every output file's bytes, and the markdown table (raises before anything is written)."""
-    run = resolve_run(args.results_uri)
-    counts = validate_counts(read_counts(run))
-    manifest = run.read_manifest()
-    run_settings = manifest.get("config", manifest).get("smoothing") or {}
-    settings = {k: getattr(args, k) if getattr(args, k) is not None else run_settings.get(k, v)
-                for k, v in DEFAULTS.items()}
-    results = certify_table(counts, args.sigmas, [] if args.no_cascade else args.cascade, **settings)
-    legacy = [read_legacy_log(path, name) for name, path in (item.split("=", 1) for item in args.legacy)]
-    results = concat_results([results, *legacy])
-    summary = summarize(results, args.radii)
-    skipped = skipped_images(run, counts.image_ids) if run.errors else None
-    markdown = to_markdown(summary, args.radii, skipped)
-    parquet = io.BytesIO()
-    results.to_parquet(parquet, index=False)
-    settings_line = (f"{args.results_uri} ({counts.sigma.size} counts rows, {counts.image_ids.size} images); "
-                     + ", ".join(f"{k}={v}" for k, v in settings.items()))
-    files = {
-        "results.parquet": parquet.getvalue(),
-        "summary.csv": summary.to_csv(index=False).encode(),
-        "summary.md": f"Settings: {settings_line}\n\n{markdown}".encode(),
-        "summary.tex": f"% Settings: {settings_line}\n{to_latex(summary, args.radii, skipped)}".encode(),
-        "certified_accuracy.png": plot_certified_accuracy(results),
-    }
-    return files, markdown
-
-
-def write_outputs(out: str, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` into ``out``, a local directory or any fsspec URI (e.g. s3://).
-
-    Locally via a temporary sibling directory (no partial output); on object storage each
-    file is one atomic put. Either way nothing is written before every file is rendered.
-    """
-    fs, path = fsspec.core.url_to_fs(out)
-    if not isinstance(fs, LocalFileSystem):
-        fs.makedirs(path, exist_ok=True)
-        for name, data in files.items():
-            fs.pipe_file(f"{path.rstrip('/')}/{name}", data)
-        return
-    out = os.path.abspath(path)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex}")
-    os.makedirs(staging)
-    try:
-        for name, data in files.items():
-            with open(os.path.join(staging, name), "wb") as f:
-                f.write(data)
-        if not os.path.exists(out):
-            os.rename(staging, out)
-            return
-        for name in files:
-            os.replace(os.path.join(staging, name), os.path.join(out, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        files, markdown = render(args)
-    except (ValueError, FileNotFoundError) as exc:  # CountsError, LegacyLogError are ValueErrors
+        report = render_report(args.results_uri, args.sigmas, [] if args.no_cascade else args.cascade,
+                               args.p0, args.alpha, args.schedule, args.radii,
+                               [tuple(item.split("=", 1)) for item in args.legacy])
+        write_report(args.out, report.files)
+    except (MsdsmoothError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_outputs(args.out, files)
-    print(markdown, end="")
+    print(report.markdown, end="")
     return 0
 
 

@@ -3,11 +3,12 @@
     python -m jobs.bench_pipeline [--images 8] [--n0 100] [--n 1000] [--sigmas 0.25 0.5] [--threads 2]
 
 Both paths use the same tiny models (configs/small.yaml's architectures, random weights written
-to a temp dir), the same JPEG shards (written with make_shards) and the same sampler settings.
+to a temp dir), the same JPEG shards (written with pipeline.shard_writer) and the same sampler settings.
 In process: load models, decode + resize every image, one ``MonteCarloSampler.sample`` call
 (measured before and after the Ray run, averaged: the load of a shared machine drifts).
-Ray: ``jobs.certify.run`` on an already started local cluster (shard read, decode tasks, actor
-start and model load, sampling, Parquet writes, resume listing), timed from call to return.
+Ray: ``pipeline.certify_run.run_certification`` on a local cluster (pipeline.ray_runtime; shard
+read, decode tasks, actor start and model load, sampling, Parquet writes, resume listing), timed
+from call to return.
 Prints both rates, their ratio (Ray / in process) and the time the actors spent inside the
 sampler (the rest of the Ray wall time is what the pipeline adds).
 """
@@ -25,22 +26,6 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def write_small_models(root: Path) -> tuple[Path, Path]:
-    """configs/small.yaml's models with random weights: (denoiser folder, classifier safetensors)."""
-    import safetensors.torch
-    import timm
-    import torch
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    UNet2DModel(sample_size=32, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-                down_block_types=("DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(root / "denoiser")
-    safetensors.torch.save_file(timm.create_model("test_vit", num_classes=10, img_size=32).state_dict(),
-                                str(root / "classifier.safetensors"))
-    return root / "denoiser", root / "classifier.safetensors"
 
 
 def write_images(root: Path, count: int, seed: int = 0) -> Path:
@@ -64,19 +49,17 @@ def small_config(overrides: list[str]):
 
 def in_process(cfg, images_dir: Path) -> float:
     """Seconds for models + decode + sampling of every image, in this process."""
-    import torch
-
-    from pipeline.images import resize_image
+    from pipeline.images import resize_image, to_float_chw
     from pipeline.models.factory import create_denoise_classify
     from pipeline.sampling import MonteCarloSampler
 
     start = time.perf_counter()
     d, s, c = cfg.data, cfg.smoothing, cfg.compute
-    model = create_denoise_classify(cfg.models["denoiser"], cfg.models["classifier"])
+    model = create_denoise_classify(cfg.models["denoiser"], cfg.models["classifier"], resolution=cfg.data["resolution"])
     sampler = MonteCarloSampler(model, c["batch_size"], c["dtype"], "cpu")
     files = sorted(images_dir.rglob("*.jpg"))
     x = np.stack([resize_image(f.read_bytes(), d["resolution"], d["resize"], d["crop"], d["interpolation"]) for f in files])
-    sampler.sample(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, [f.stem for f in files],
+    sampler.sample(to_float_chw(x), [f.stem for f in files],
                    list(s["sigmas"]), s["n0"], s["n"], s["seed"])
     return time.perf_counter() - start
 
@@ -95,12 +78,13 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    import ray
     import torch
 
-    from jobs.certify import run
-    from jobs.make_shards import make_shards
+    from pipeline.certify_run import run_certification
+    from pipeline.models.small import write_small_models
+    from pipeline.ray_runtime import ray_session
     from pipeline.run_dir import RunDirectory
+    from pipeline.shard_writer import make_shards
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -116,16 +100,13 @@ def main() -> None:
             f"smoothing.n={args.n}", f"compute.batch_size={args.batch_size}", f"compute.torch_threads={args.threads}",
             f"compute.images_per_call={args.images_per_call}", f"compute.log_every={max(1, args.images // 4)}"])
         local_before = in_process(cfg, images)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
+        with ray_session(num_cpus=2, log_to_driver=False):
             start = time.perf_counter()
-            run(cfg)
+            run_certification(cfg)
             ray_s = time.perf_counter() - start
-            store = RunDirectory(cfg.output["uri"], cfg.output["run_id"])
-            table = pa.concat_tables([pq.read_table(p, columns=["seconds"]) for p in store.counts_files()])
-            sampling_s = float(pc.sum(table.column("seconds")).as_py())  # seconds are per (image, sigma) row
-        finally:
-            ray.shutdown()
+        store = RunDirectory(cfg.output["uri"], cfg.output["run_id"])
+        table = pa.concat_tables([pq.read_table(p, columns=["seconds"]) for p in store.counts_files()])
+        sampling_s = float(pc.sum(table.column("seconds")).as_py())  # seconds are per (image, sigma) row
         local_after = in_process(cfg, images)  # bracket the Ray run: the machine's load drifts
     local_s = (local_before + local_after) / 2
     per_image = len(args.sigmas) * (args.n0 + args.n)

@@ -1,16 +1,18 @@
-"""The demo: certify real handwritten digits end to end on an embedded local Ray, in minutes on CPU.
+"""The demo: certify real handwritten digits end to end on Ray, in minutes on CPU.
 
     python -m jobs.demo [--work-dir demo_out] [--set smoothing.n=64 ...]
+    ray job submit --working-dir . -- python -m jobs.demo --work-dir /abs/path   # a running cluster
 
-1. scikit-learn's digits, test split (360 images, jobs.train_demo.digits_split) -> PNG folder
-   ``{work}/images/{label}/digit_NNNN.png``;
-2. jobs.make_shards -> Parquet shards at ``file://{work}/shards`` (the local "object store");
-3. jobs.certify with configs/demo.yaml (every 4th test image: 90; n0 = 32, n = 512; models from
-   configs/demo/models, mode ``full``,
-   sigmas 0.25/0.5/1.0) on an embedded local Ray -> counts at ``{work}/runs/{run_id}``;
-4. jobs.aggregate (each sigma alone and the cascade over all three, from the same counts)
-   -> markdown table on stdout, ``{work}/aggregate/certified_accuracy.png``, results.parquet;
-5. prints where the Parquet results are and how to open them with pandas.
+1. scikit-learn's digits, test split (360 images, pipeline.digits) -> PNG folder
+   ``{work}/images/{label}/digit_NNNN.png`` -> Parquet shards at ``file://{work}/shards`` (the
+   local "object store", pipeline.shard_writer);
+2. certification (pipeline.certify_run) with configs/demo.yaml (every 4th test image: 90;
+   n0 = 32, n = 512; models from configs/demo/models, mode ``full``, sigmas 0.25/0.5/1.0) on an
+   embedded local Ray, or on the cluster the job was submitted to (pipeline.ray_runtime)
+   -> counts at ``{work}/runs/{run_id}``;
+3. the report (analysis.report: each sigma alone and the cascade over all three, from the same
+   counts) -> markdown table on stdout, ``{work}/aggregate/certified_accuracy.png``, results.parquet;
+4. prints where the Parquet results are and how to open them with pandas.
 
 Re-running resumes the same run (finished rows are not recomputed); a changed
 data/models/smoothing setting needs a new ``--set output.run_id=...``.
@@ -19,55 +21,33 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from jobs import aggregate, certify, make_shards
-from jobs.train_demo import digits_split, write_image_folder
+from analysis.report import render_report, write_report
+from pipeline.certify_run import run_certification
 from pipeline.config import load_config
-
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "demo.yaml"
-MODELS = REPO / "configs" / "demo" / "models"
-RADII = ("0", "0.25", "0.5", "0.75", "1.0", "1.25", "1.5", "2.0")
+from pipeline.digits import DEMO_CONFIG, DEMO_MODELS, DEMO_RADII, write_digit_shards
+from pipeline.ray_runtime import ray_session
 
 
-def write_shards(work_dir: Path) -> str:
-    """The digits test split as PNGs, then Parquet shards; returns the shards' file:// URI."""
-    images, labels = digits_split()["test"]
-    folder = write_image_folder(images, labels, work_dir / "images")
-    uri = (work_dir / "shards").as_uri()
-    make_shards.make_shards(str(folder), uri, fmt="parquet", shard_size=120)
-    return uri
-
-
-def run_demo(work_dir: str | Path, overrides: Sequence[str] = (), num_cpus: int = 2) -> dict[str, str]:
-    """Steps 1-4 above; returns the run, counts, aggregate and plot locations."""
-    import ray
-
-    work_dir = Path(work_dir).resolve()
-    settings = [f"data.uri={write_shards(work_dir)}",
-                f"models.denoiser.uri={MODELS / 'denoiser'}",
-                f"models.classifier.uri={MODELS / 'classifier.safetensors'}",
-                f"output.uri={(work_dir / 'runs').as_uri()}", *overrides]
-    cfg = load_config(str(CONFIG), settings)
-    started = not ray.is_initialized()
-    if started:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = certify.run(cfg)
-    finally:
-        if started:
-            ray.shutdown()
+def run_demo(work_dir: Path, overrides: Sequence[str], num_cpus: int) -> dict[str, str]:
+    """Steps 1-3 above; returns the run, counts, aggregate and plot locations and the markdown table."""
+    shards = write_digit_shards("test", work_dir / "images", work_dir / "shards", shard_size=120)
+    cfg = load_config(str(DEMO_CONFIG), [
+        f"data.uri={shards}", f"models.denoiser.uri={DEMO_MODELS / 'denoiser'}",
+        f"models.classifier.uri={DEMO_MODELS / 'classifier.safetensors'}",
+        f"output.uri={(work_dir / 'runs').as_uri()}", *overrides])
+    with ray_session(num_cpus, log_to_driver=False):
+        summary = run_certification(cfg)
     run_dir = f"{cfg.output['uri']}/{cfg.output['run_id']}"
     out = work_dir / "aggregate"
-    if aggregate.main([run_dir, "--out", str(out), "--radii", *RADII]) != 0:
-        raise RuntimeError(f"jobs.aggregate failed on {run_dir}")
+    report = render_report(run_dir, radii=DEMO_RADII)
+    write_report(str(out), report.files)
     return {"run": summary["run"], "counts": f"{run_dir}/counts", "aggregate": str(out),
-            "results": str(out / "results.parquet"), "plot": str(out / "certified_accuracy.png")}
+            "results": str(out / "results.parquet"), "plot": str(out / "certified_accuracy.png"),
+            "table": report.markdown}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,10 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", default="demo_out", help="local folder for images, shards, run and plots")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a configs/demo.yaml value, e.g. smoothing.n=64")
-    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray (not used on a cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    paths = run_demo(args.work_dir, args.set, args.num_cpus)
+    paths = run_demo(Path(args.work_dir).resolve(), args.set, args.num_cpus)
+    print(paths["table"], end="")
     print(f"\nplot:    {paths['plot']}\n"
           f"counts:  {paths['counts']}/*.parquet  (one row per image x sigma)\n"
           f"results: {paths['results']}  (one row per image x method)\n\n"

@@ -2,179 +2,27 @@
 
     python -m jobs.train_demo [--out configs/demo/models]
 
-Guarantees:
-* :func:`digits_split` is deterministic: the same stratified train/test split (seed 0,
-  360 test images) every time, upsampled bilinearly from 8x8 to ``SIZE``x``SIZE``, replicated
-  to RGB and quantised to 8 bits, so the arrays equal the PNGs :func:`write_image_folder`
-  writes (what the certification pipeline reads).
-* Training is reproducible (fixed seeds, deterministic torch): the classifier, a small timm
-  ResNet, sees only clean training images (random one-pixel shifts as augmentation); the
-  denoiser, a small diffusers ``UNet2DModel``, is a DDPM with epsilon prediction on the
-  linear 1000-step schedule, trained on the training split in [-1, 1]. Its training
-  timesteps are weighted towards the one-shot denoising levels the demo certifies at
-  (``DEMO_SIGMA_RANGE``), with the rest drawn uniformly so it stays a DDPM over all t.
-* Output, a few MB: ``{out}/denoiser/{unet,scheduler}/`` (diffusers layout, safetensors,
-  float16 weights), ``{out}/classifier.safetensors`` (timm state dict, float16) and
-  ``{out}/classifier.json`` (the classifier spec minus its ``uri``).
+The data is pipeline.digits' deterministic training split; the models, their training and the
+files written are pipeline.demo_training's (reproducible: with ``--threads 1`` the weights are
+bit-identical run to run). Prints the classifier's clean test accuracy.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import math
 import time
-from pathlib import Path
-from typing import Any, Mapping
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DModel
-from PIL import Image
-from safetensors.torch import save_file
 
-from pipeline.diffusion import NoiseSchedule, alphas_cumprod_for, timestep_for_sigma
-from pipeline.models.classifier import Classifier, load_classifier
-from pipeline.models.denoiser import Denoiser, save_denoiser
-
-SIZE = 16                      # certification resolution (digits are 8x8)
-NUM_CLASSES = 10
-TEST_SIZE = 360
-SEED = 0
-DEMO_SIGMA_RANGE = (0.15, 1.25)   # denoising levels the training timesteps concentrate on
-SPECIALISED_FRACTION = 0.8        # share of training timesteps drawn from that range
-
-CLASSIFIER_SPEC: Mapping[str, Any] = {
-    "name": "test_resnet",
-    "num_classes": NUM_CLASSES,
-    "model_kwargs": {},
-    "input_size": [3, 32, 32],
-}
-UNET_CONFIG: Mapping[str, Any] = {
-    "sample_size": SIZE,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": (16, 32, 64),
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-}
-SCHEDULE: Mapping[str, Any] = {"beta_schedule": "linear", "num_train_timesteps": 1000,
-                               "prediction_type": "epsilon"}
-
-
-def digits_split(size: int = SIZE, test_size: int = TEST_SIZE, seed: int = SEED
-                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"train"|"test": (images uint8 [N, size, size, 3], labels int64 [N])}, stratified, deterministic."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]  # [N,1,8,8] in [0,1]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1)
-    images, labels = x.contiguous().numpy(), digits.target.astype(np.int64)
-    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=test_size,
-                                           stratify=labels, random_state=seed)
-    return {"train": (images[idx_train], labels[idx_train]), "test": (images[idx_test], labels[idx_test])}
-
-
-def write_image_folder(images: np.ndarray, labels: np.ndarray, root: str | Path, prefix: str = "digit") -> Path:
-    """PNG files in ImageNet layout: ``{root}/{label}/{prefix}_{index:04d}.png``; returns root."""
-    root = Path(root)
-    for i, (image, label) in enumerate(zip(images, labels)):
-        folder = root / str(int(label))
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / f"{prefix}_{i:04d}.png")
-    return root
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [0, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
-
-
-def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Each image translated by up to ``max_shift`` pixels per axis, zero padded."""
-    n, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4)
-    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 2 * max_shift)
-    out = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
-    return out.gather(3, cols)
-
-
-def _lr(step: int, steps: int, peak: float, warmup: int = 50) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def train_classifier(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
-                     batch_size: int = 128, lr: float = 3e-3, seed: int = SEED) -> torch.nn.Module:
-    """Cross-entropy training of ``classifier`` ([0,1] images -> logits) on clean images."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=0.05)
-    classifier.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
-        idx = torch.randint(0, len(x), (batch_size,), generator=g)
-        loss = F.cross_entropy(classifier(random_shift(x[idx], g)), y[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return classifier.eval()
-
-
-def training_timesteps(n: int, acp: torch.Tensor, g: torch.Generator) -> torch.LongTensor:
-    """``n`` timesteps: SPECIALISED_FRACTION uniform over the demo's sigma range, the rest over all t."""
-    lo, hi = (int(t) for t in timestep_for_sigma(acp, DEMO_SIGMA_RANGE))
-    special = torch.randint(lo, hi + 1, (n,), generator=g)
-    anywhere = torch.randint(0, acp.numel(), (n,), generator=g)
-    return torch.where(torch.rand(n, generator=g) < SPECIALISED_FRACTION, special, anywhere)
-
-
-def train_denoiser(unet: UNet2DModel, x: torch.Tensor, steps: int, batch_size: int = 32,
-                   lr: float = 2e-3, seed: int = SEED) -> UNet2DModel:
-    """DDPM epsilon-prediction training of ``unet`` on images ``x`` in [0, 1]."""
-    g = torch.Generator().manual_seed(seed)
-    acp = alphas_cumprod_for(SCHEDULE["beta_schedule"], SCHEDULE["num_train_timesteps"]).float()
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    unet.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr)
-        x0 = 2.0 * x[torch.randint(0, len(x), (batch_size,), generator=g)] - 1.0
-        t = training_timesteps(batch_size, acp, g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = acp[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(unet(a.sqrt() * x0 + (1 - a).sqrt() * eps, t).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-    return unet.eval()
-
-
-def save_models(unet: UNet2DModel, classifier: Classifier, out: str | Path) -> None:
-    """Write the denoiser (diffusers layout via save_denoiser) and the classifier (safetensors +
-    json spec), both with float16 weights (the loaders compute in float32)."""
-    out = Path(out)
-    save_denoiser(Denoiser(copy.deepcopy(unet).half(), NoiseSchedule(**SCHEDULE)), str(out / "denoiser"))
-    state = {k: v.detach().half() if v.is_floating_point() else v.detach()
-             for k, v in classifier.model.state_dict().items()}
-    save_file(state, str(out / "classifier.safetensors"))
-    (out / "classifier.json").write_text(json.dumps(dict(CLASSIFIER_SPEC), indent=2) + "\n")
+from pipeline.demo_training import CLASSIFIER_SPEC, UNET_CONFIG, save_models, train_classifier, train_denoiser
+from pipeline.digits import DEMO_MODELS, SEED, digits_split
+from pipeline.images import to_float_chw
+from pipeline.models.classifier import load_classifier
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="configs/demo/models")
+    parser.add_argument("--out", default=str(DEMO_MODELS))
     parser.add_argument("--classifier-steps", type=int, default=400)
     parser.add_argument("--denoiser-steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: bit-reproducible weights)")
@@ -184,11 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.use_deterministic_algorithms(True)
     torch.manual_seed(SEED)
     split = digits_split()
-    x_train, y_train = to_tensor(split["train"][0]), torch.from_numpy(split["train"][1])
-    x_test, y_test = to_tensor(split["test"][0]), torch.from_numpy(split["test"][1])
+    x_train, y_train = to_float_chw(split["train"][0]), torch.from_numpy(split["train"][1])
+    x_test, y_test = to_float_chw(split["test"][0]), torch.from_numpy(split["test"][1])
 
     start = time.perf_counter()
-    classifier = train_classifier(load_classifier(CLASSIFIER_SPEC), x_train, y_train, args.classifier_steps)
+    classifier = train_classifier(load_classifier({**CLASSIFIER_SPEC, "random_weights": True}), x_train, y_train, args.classifier_steps)
     with torch.no_grad():
         accuracy = (classifier(x_test).argmax(1) == y_test).float().mean().item()
     print(f"classifier: clean test accuracy {accuracy:.3f} ({time.perf_counter() - start:.0f}s)", flush=True)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import numpy as np
 from scipy import special, stats
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 ABSTAIN = -1
 FIRE, UNDECIDED, FALL_THROUGH = 1, 0, -1
@@ -60,7 +63,8 @@ class SparseCounts:
 
     @classmethod
     def from_dense(cls, dense: np.ndarray) -> "SparseCounts":
-        """From an ``[N, C]`` array of non-negative counts."""
+        """From an ``[N, C]`` array of non-negative counts: the one dense -> CSR conversion
+        (keeps the nonzero counts only, classes ascending)."""
         dense = np.asarray(dense)
         if dense.ndim != 2:
             raise ValueError(f"dense counts must be [N, C], got shape {dense.shape}")
@@ -78,6 +82,15 @@ class SparseCounts:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return cls(offsets, _concat(classes), _concat(values))
+
+    def to_arrow_lists(self) -> tuple["pa.ListArray", "pa.ListArray"]:
+        """(classes ``list<int32>``, values ``list<int64>``), one list per row: the sparse count
+        columns of the counts table (DESIGN.md section 4), entries as held here."""
+        import pyarrow as pa
+
+        offsets = pa.array(self.offsets.astype(np.int32))
+        return (pa.ListArray.from_arrays(offsets, pa.array(self.classes.astype(np.int32))),
+                pa.ListArray.from_arrays(offsets, pa.array(self.values, pa.int64())))
 
     @property
     def num_rows(self) -> int:
@@ -285,6 +298,38 @@ def _check_cascade_args(alpha: float, p0: float, schedule: str) -> None:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
+class CascadeWalk(NamedTuple):
+    """Where each row's cascade stopped (see :func:`walk_cascade`)."""
+
+    stage: np.ndarray  # int64 [N]: stage where the row stopped; num_stages if it fell through every stage
+    outcome: np.ndarray  # int8 [N]: FIRE or UNDECIDED at that stage; FALL_THROUGH if it never stopped
+
+
+def walk_cascade(
+    num_rows: int, num_stages: int, outcome_of: Callable[[int, np.ndarray], np.ndarray]
+) -> CascadeWalk:
+    """The cascade's walk down the stages, from stage 0 (the highest sigma).
+
+    ``outcome_of(stage, rows)`` returns FIRE / UNDECIDED / FALL_THROUGH for ``rows`` (ascending
+    indices): exactly the rows that fell through at every earlier stage, never an empty set. A row
+    stops at its first FIRE or UNDECIDED; a row reaches stage s iff ``walk.stage >= s``. The one
+    walk shared by the certificate, the pipeline's cascade sampling and the analysis's check of
+    which levels a cascade-mode run must hold.
+    """
+    stopped = np.full(num_rows, num_stages, dtype=np.int64)
+    outcome = np.full(num_rows, FALL_THROUGH, dtype=np.int8)
+    active = np.arange(num_rows)
+    for stage in range(num_stages):
+        if active.size == 0:
+            break
+        result = np.asarray(outcome_of(stage, active))
+        stop = result != FALL_THROUGH
+        stopped[active[stop]] = stage
+        outcome[active[stop]] = result[stop]
+        active = active[~stop]
+    return CascadeWalk(stopped, outcome)
+
+
 @dataclass(frozen=True, eq=False)
 class _Stage:
     sigma: float
@@ -313,7 +358,7 @@ def cascade_stage_outcome(
     """FIRE / UNDECIDED / FALL_THROUGH (int8 [N]) of cascade stage ``stage`` (0 = highest sigma).
 
     Exactly the decision :func:`certify_cascade_sparse` makes at that stage, so a pipeline can sample
-    one sigma at a time and stop a row at FIRE or UNDECIDED. The bounds are those of ``schedule``
+    one sigma at a time (see :func:`walk_cascade`) and stop a row at FIRE or UNDECIDED. The bounds are those of ``schedule``
     (see :func:`certify_cascade_sparse`).
     """
     _check_cascade_args(alpha, p0, schedule)
@@ -446,11 +491,10 @@ def certify_cascade_sparse(
     pred = np.full(num_rows, ABSTAIN, dtype=np.int64)
     radius = np.zeros(num_rows)
     fired_sigma = np.full(num_rows, np.nan)
-    active = np.ones(num_rows, dtype=bool)
+    walk = walk_cascade(num_rows, num_stages, lambda s, rows: stages[s].outcome[rows])
     threshold = special.ndtri(p0)
     for s, stage in enumerate(stages):
-        rows = np.flatnonzero(active & (stage.outcome == FIRE))
-        active &= stage.outcome == FALL_THROUGH
+        rows = np.flatnonzero((walk.stage == s) & (walk.outcome == FIRE))
         if rows.size == 0:
             continue
         cls = stage.chosen[rows]

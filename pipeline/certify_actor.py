@@ -2,8 +2,9 @@
 
 One replica of denoiser + classifier per actor. Per batch of images it draws the Monte Carlo
 samples, writes the counts rows itself (one content-named file per batch, see
-:mod:`pipeline.run_dir`) and returns a small summary (rows per image, weight checksums). In ``cascade`` mode it
-samples the highest sigma first and the next lower sigma only for images that fell through.
+:mod:`pipeline.run_dir`) and returns a small summary (rows per image, weight checksums). In
+``cascade`` mode it walks the cascade (:func:`pipeline.certification.walk_cascade`): the highest
+sigma first, the next lower sigma only for the images that fell through.
 """
 from __future__ import annotations
 
@@ -17,19 +18,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.certification import FALL_THROUGH, SparseCounts, cascade_stage_outcome
-from pipeline.run_dir import RunDirectory
+from pipeline.certification import SparseCounts, cascade_stage_outcome, walk_cascade
 from pipeline.counts_schema import COUNTS_SCHEMA
+from pipeline.images import to_float_chw
 from pipeline.models.factory import create_denoise_classify, model_checksums
+from pipeline.run_dir import RunDirectory
 from pipeline.sampling import MonteCarloSampler, SampleCounts
-
-
-def sparse_lists(dense: np.ndarray, value_type: pa.DataType) -> tuple[pa.ListArray, pa.ListArray]:
-    """Nonzero classes (ascending) and their counts per row of ``dense`` [R, C], as list arrays."""
-    rows, classes = np.nonzero(dense)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=dense.shape[0]))]).astype(np.int32)
-    return (pa.ListArray.from_arrays(pa.array(offsets), pa.array(classes.astype(np.int32))),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(dense[rows, classes].astype(np.int64), value_type)))
 
 
 class Part(NamedTuple):
@@ -62,9 +56,7 @@ class CertifyActor:
         ids = np.asarray(batch["image_id"], dtype=object)
         if len(ids) == 0:
             return {"image_id": ids, "rows": np.zeros(0, dtype=np.int64), "model_checksums": ids}
-        # uint8 to the device (4x less traffic than float), then [0, 1] float NCHW there.
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.sampler.device)
-        images = images.permute(0, 3, 1, 2).float().div_(255)
+        images = to_float_chw(batch["image"], self.sampler.device)
         labels, todo = np.asarray(batch["label"]), np.asarray(batch["todo"], dtype=bool)
         parts = self._cascade(images, ids, todo) if self.smoothing["mode"] == "cascade" else self._full(images, ids, todo)
         table = pa.concat_tables([self._rows(ids, labels, p) for p in parts])
@@ -93,17 +85,16 @@ class CertifyActor:
         """Highest sigma first; a lower sigma only for the images that fell through."""
         s = self.smoothing
         levels = sorted(s["sigmas"], reverse=True)
-        active, parts = np.arange(len(ids)), []
-        for stage, sigma in enumerate(levels):
-            if len(active) == 0:
-                break
-            part = self._sample(images, ids, active, [sigma])
+        parts = []
+
+        def sample_stage(stage: int, active: np.ndarray) -> np.ndarray:
+            part = self._sample(images, ids, active, [levels[stage]])
             parts.append(part)
-            counts = part.counts
-            outcome = cascade_stage_outcome(stage, len(levels), SparseCounts.from_dense(counts.counts0[:, 0]),
-                                            SparseCounts.from_dense(counts.counts[:, 0]),
-                                            s["alpha"], s["p0"], s["schedule"])
-            active = active[np.asarray(outcome) == FALL_THROUGH]
+            return cascade_stage_outcome(stage, len(levels), SparseCounts.from_dense(part.counts.counts0[:, 0]),
+                                         SparseCounts.from_dense(part.counts.counts[:, 0]),
+                                         s["alpha"], s["p0"], s["schedule"])
+
+        walk_cascade(len(ids), len(levels), sample_stage)
         return parts
 
     def _rows(self, ids: np.ndarray, labels: np.ndarray, part: Part) -> pa.Table:
@@ -111,8 +102,8 @@ class CertifyActor:
         rows, sigmas, out = part.rows, part.sigmas, part.counts
         num, per = len(rows), len(sigmas)
         total = num * per
-        c0_cls, c0_val = sparse_lists(out.counts0.reshape(total, -1), pa.int64())
-        c_cls, c_val = sparse_lists(out.counts.reshape(total, -1), pa.int64())
+        c0_cls, c0_val = SparseCounts.from_dense(out.counts0.reshape(total, -1)).to_arrow_lists()
+        c_cls, c_val = SparseCounts.from_dense(out.counts.reshape(total, -1)).to_arrow_lists()
         columns = {
             "image_id": pa.array(np.repeat(ids[rows], per).tolist(), pa.string()),
             "label": pa.array(np.repeat(labels[rows], per).astype(np.int64)),

@@ -11,9 +11,28 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+import re
+
 import yaml
 
 from pipeline.errors import MsdsmoothError
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, reading numbers as YAML 1.2 does: ``1e-3`` is a float (YAML 1.1
+    would make it a string), as a user writing ``--set training.lr=1e-3`` means."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: Any) -> Any:
+    """A YAML document (string or stream) as plain Python values, with :class:`_ConfigLoader`."""
+    return yaml.load(text, Loader=_ConfigLoader)
 
 
 class ConfigError(MsdsmoothError, ValueError):
@@ -86,6 +105,27 @@ def half_to_one(key: str, v: Any) -> float:
     return float(v)
 
 
+def zero_to_one(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+        _fail(key, "must be a number in [0, 1)", v)
+    return float(v)
+
+
+def positive_number(key: str, v: Any) -> float:
+    """A finite number > 0."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+        _fail(key, "must be a positive number", v)
+    return float(v)
+
+
+def int_at_least(low: int) -> Check:
+    def check(key: str, v: Any) -> int:
+        if not _is_int(v) or v < low:
+            _fail(key, f"must be an integer >= {low}", v)
+        return v
+    return check
+
+
 def sigmas(key: str, v: Any) -> tuple[float, ...]:
     ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(
         isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in v)
@@ -139,6 +179,20 @@ def section(fields: Mapping[str, tuple[Any, Check]]) -> Check:
     return check
 
 
+def one_weight_source(check: Check, flags: Sequence[str]) -> Check:
+    """``check`` (a model's section), then exactly one weight source: ``uri`` or one of the
+    boolean ``flags`` set true (e.g. ``random_weights``); never a silent random default."""
+    def checked(key: str, v: Any) -> dict:
+        out = check(key, v)
+        given = [f"{key}.uri"] * (out["uri"] is not None) + [f"{key}.{flag}" for flag in flags if out[flag]]
+        if not given:
+            raise ConfigError(f"{key}.uri: required (or {' or '.join(f'{key}.{f}: true' for f in flags)})")
+        if len(given) > 1:
+            raise ConfigError(f"{given[1]}: cannot be combined with {given[0]}: the weights come from one source")
+        return out
+    return checked
+
+
 SCHEMA: dict[str, Check] = {
     "data": section({
         "uri": (REQUIRED, string),                      # file, folder or glob on any fsspec URI
@@ -155,13 +209,21 @@ SCHEMA: dict[str, Check] = {
         "interpolation": ("bicubic", choice("bicubic", "bilinear", "lanczos", "nearest")),
     }),
     "models": section({
-        "denoiser": (REQUIRED, section({
-            "uri": (REQUIRED, string), "preset": (None, optional(string)),
-            "adm_config": (None, optional(mapping)), "schedule": (None, optional(mapping))})),
-        "classifier": (REQUIRED, section({
+        # weights: exactly one of uri, random_weights: true (and, classifier, pretrained: true)
+        "denoiser": (REQUIRED, one_weight_source(section({
+            "uri": (None, optional(string)), "random_weights": (False, boolean),
+            "preset": (None, optional(string)),
+            "adm_config": (None, optional(mapping)), "schedule": (None, optional(mapping)),
+            # where the data.resolution image sits in the UNet's input (pipeline.models.denoiser)
+            "input": (None, section({
+                "mode": ("direct", choice("direct", "reflect_pad")),
+                "size": (None, optional(positive_int))}))}), ("random_weights",))),
+        "classifier": (REQUIRED, one_weight_source(section({
             "name": (REQUIRED, string), "num_classes": (REQUIRED, positive_int),
-            "uri": (None, optional(string)), "pretrained": (False, boolean),
-            "model_kwargs": (None, optional(mapping)), "input_size": (None, optional(input_size))})),
+            "format": ("timm", choice("timm", "hf-vit")),   # weights layout (pipeline.models.classifier)
+            "uri": (None, optional(string)), "pretrained": (False, boolean), "random_weights": (False, boolean),
+            "model_kwargs": (None, optional(mapping)), "input_size": (None, optional(input_size))}),
+            ("pretrained", "random_weights"))),
         "cache_dir": (None, optional(string)),
     }),
     "smoothing": section({
@@ -277,7 +339,7 @@ def apply_override(raw: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a mapping, cannot set {key}")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    node[parts[-1]] = parse_yaml(text) if text.strip() else None
 
 
 def with_overrides(raw: Mapping, overrides: Sequence[str] = ()) -> dict:
@@ -294,7 +356,7 @@ def read_yaml(path: str, overrides: Sequence[str] = ()) -> dict:
 
     try:
         with fsspec.open(path, "r") as f:
-            raw = yaml.safe_load(f) or {}
+            raw = parse_yaml(f) or {}
     except FileNotFoundError as exc:
         raise ConfigError(f"--config {path}: no such file") from exc
     except yaml.YAMLError as exc:

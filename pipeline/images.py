@@ -16,23 +16,25 @@ if TYPE_CHECKING:
 
 
 def resize_image(data: bytes, resolution: int, resize: int | None, crop: str, interpolation: str) -> np.ndarray:
-    """Decode, convert to RGB, resize (shorter side to ``resize``) and centre-crop to a square."""
+    """Decode, convert to RGB, then ``crop: center``: the pixels of torchvision's
+    ``Resize(resize or resolution, interpolation) + CenterCrop(resolution)`` on the PIL image
+    (the ImageNet protocols of Cohen et al. and Carlini et al.; PIL does the resampling in
+    both): shorter side to ``resize``, longer side ``int(resize * long / short)``, crop offsets
+    ``int(round((side - resolution) / 2))``. ``crop: none``: squash to resolution x resolution.
+    """
     from PIL import Image
 
     method = getattr(Image.Resampling, interpolation.upper())
     with Image.open(io.BytesIO(data)) as img:
         img = img.convert("RGB")
         if crop == "none":
-            img = img.resize((resolution, resolution), method)
-        else:
-            short = resize or resolution
-            w, h = img.size
-            scale = short / min(w, h)
-            img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))), method)
-            w, h = img.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            img = img.crop((left, top, left + resolution, top + resolution))
-        return np.asarray(img, dtype=np.uint8)
+            return np.asarray(img.resize((resolution, resolution), method), dtype=np.uint8)
+        short = resize or resolution
+        w, h = img.size
+        img = img.resize((short, int(short * h / w)) if w <= h else (int(short * w / h), short), method)
+        w, h = img.size
+        left, top = int(round((w - resolution) / 2.0)), int(round((h - resolution) / 2.0))
+        return np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
 
 
 def to_float_chw(images: Any, device: "torch.device | str" = "cpu") -> torch.Tensor:

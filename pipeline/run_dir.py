@@ -1,11 +1,17 @@
 """The run directory: counts and error Parquet files, the manifest, and what is already done.
 
 Layout: ``{output}/{run_id}/counts/part-<hash>.parquet``, ``{output}/{run_id}/errors/err-<hash>.parquet``,
-``{output}/{run_id}/manifest.json``.
+``{output}/{run_id}/manifest.json``. This module is the one owner of that layout and of which
+files are data: resume, compaction and the analysis (:func:`analysis.io.resolve_run`) all list
+through :meth:`RunDirectory.counts_files` / :meth:`RunDirectory.error_files`.
 
 Guarantees:
 * Every file appears whole or not at all: local files are written to a hidden temp name and
   renamed (``os.replace``); object stores get a single PUT. Readers only look at final names.
+* Hidden names (``.tmp-*`` and any other starting with ``.``) in counts/ and errors/ are
+  in-progress writes and never read. Anything else there that is not a data file (``part-*.parquet``
+  in counts/, ``err-*.parquet`` in errors/, directly in the folder) raises
+  :class:`RunDirectoryError` naming it: a stray file is reported, never silently read or skipped.
 * A file's name is a hash of the (image_id, sigma) keys it holds. Noise is reproducible, so a
   retried task rewrites identical content under the same name: retries never duplicate rows.
 * :meth:`RunDirectory.done_keys` lists the rows already written, for resume;
@@ -20,15 +26,20 @@ import os
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.counts_schema import COUNTS_SCHEMA, ERRORS_SCHEMA
+from pipeline.errors import MsdsmoothError
 from pipeline.storage import is_local, url_to_fs
 
 Key = tuple[str, float]
+
+
+class RunDirectoryError(MsdsmoothError, ValueError):
+    """The run directory holds something its layout does not allow; the message names it."""
 
 
 def keys_digest(keys: Iterable[Key]) -> str:
@@ -45,6 +56,12 @@ def _table_bytes(table: pa.Table) -> bytes:
 
 class RunDirectory:
     """One run's directory on any fsspec filesystem (pickles to Ray workers)."""
+
+    @classmethod
+    def at(cls, uri: str) -> "RunDirectory":
+        """The run directory that ``uri`` names (its last path component is the run_id)."""
+        output_uri, _, run_id = uri.rstrip("/").rpartition("/")
+        return cls(output_uri or ".", run_id)
 
     def __init__(self, output_uri: str, run_id: str):
         self.output_uri, self.run_id = output_uri, run_id
@@ -89,11 +106,23 @@ class RunDirectory:
         return path
 
     def _files(self, directory: str, prefix: str) -> list[str]:
+        """The data files ``{prefix}*.parquet`` of ``directory``, sorted; hidden names skipped;
+        RunDirectoryError naming anything else."""
         self.fs.invalidate_cache(directory)  # other processes write here: never trust a cached listing
         if not self.fs.exists(directory):
             return []
-        return sorted(p for p in self.fs.ls(directory, detail=False)
-                      if p.rsplit("/", 1)[-1].startswith(prefix) and p.endswith(".parquet"))
+        files = []
+        for entry in self.fs.ls(directory, detail=True):
+            path = entry["name"].rstrip("/")
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith("."):
+                continue  # an in-progress write (.tmp-*) or another hidden file
+            if entry["type"] != "file" or not (name.startswith(prefix) and name.endswith(".parquet")):
+                raise RunDirectoryError(
+                    f"{self.uri(path)}: not a data file of the run directory (expected {prefix}*.parquet "
+                    f"files directly in {directory.rsplit('/', 1)[-1]}/); move it out of the run directory")
+            files.append(path)
+        return sorted(files)
 
     def _read_columns(self, paths: list[str], columns: list[str]) -> list[pa.Table]:
         def read(path: str) -> pa.Table:
@@ -103,7 +132,12 @@ class RunDirectory:
             return list(pool.map(read, paths))
 
     def counts_files(self) -> list[str]:
+        """Every finished counts file (paths on :attr:`fs`), sorted."""
         return self._files(self.counts_dir, "part-")
+
+    def error_files(self) -> list[str]:
+        """Every finished error-record file (paths on :attr:`fs`), sorted."""
+        return self._files(self.errors_dir, "err-")
 
     def file_keys(self) -> dict[str, list[Key]]:
         """(image_id, sigma) keys of every finished counts file."""
@@ -116,7 +150,7 @@ class RunDirectory:
         return {k for keys in self.file_keys().values() for k in keys}
 
     def error_ids(self) -> set[str]:
-        tables = self._read_columns(self._files(self.errors_dir, "err-"), ["image_id"])
+        tables = self._read_columns(self.error_files(), ["image_id"])
         return {i for t in tables for i in t.column("image_id").to_pylist()}
 
     def read_manifest(self) -> dict | None:

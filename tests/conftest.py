@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 
 import pytest
@@ -76,3 +82,66 @@ def ray_local(s3_server):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory, s3_server):
+    """``ray start --head --block`` on 127.0.0.1 with its own ports and temp dir; killed by PID.
+
+    Yields (dashboard address for ``ray job submit --address``, environment to submit with).
+    """
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
+                                            "object-manager-port", "dashboard-agent-listen-port",
+                                            "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}
+    low = free_port_range(40)
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: unix socket paths are limited
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+           f"--temp-dir={temp}", f"--min-worker-port={low}", f"--max-worker-port={low + 39}", "--disable-usage-stats",
+           *(f"--{k}={v}" for k, v in ports.items())]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield f"http://127.0.0.1:{ports['dashboard-port']}", env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the session this fixture started: ray start and its children
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def submit_ray_job(address: str, env: dict, entrypoint: list[str], cwd: str, timeout: float = 420,
+                   startup: float = 120) -> subprocess.CompletedProcess:
+    """``ray job submit --address ADDRESS --working-dir . -- ENTRYPOINT`` from ``cwd``, waiting for the job.
+
+    The head needs a moment before its job agent answers: retried until it takes the job (at most
+    ``startup`` seconds).
+    """
+    submit = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
+              "--working-dir", ".", "--", *entrypoint]
+    deadline = time.time() + startup
+    while True:
+        out = subprocess.run(submit, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        if "submitted successfully" in out.stdout or time.time() > deadline:
+            return out
+        time.sleep(3)
+
+
+def free_port_range(width: int) -> int:
+    """A start port whose next ``width`` ports look free."""
+    for _ in range(50):
+        start = free_port()
+        if start + width < 65000 and all(_port_free(p) for p in range(start, start + width)):
+            return start
+    raise RuntimeError("no free port range")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False

@@ -1,6 +1,8 @@
-"""``python -m jobs.aggregate`` end to end: local run dirs, s3:// via moto, bad input writes nothing."""
+"""``python -m jobs.aggregate`` (analysis.report) end to end: local run dirs, s3:// via moto, bad input
+writes nothing, a failed local write leaves the previous report whole."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -193,3 +195,59 @@ def test_reads_what_the_pipeline_writes(tmp_path, table):
     assert summary["cascade(0.25,0.5,1.0)"] == 40 and summary["sigma=0.25"] < summary["sigma=1.0"] == 40
     markdown = (out / "summary.md").read_text()
     assert "alpha=0.01" in markdown and "error records, no counts): 1." in markdown
+
+
+def report_folder(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize("failing", ["old aside", "new into place"])
+def test_failed_swap_leaves_the_old_report_whole(tmp_path, table, monkeypatch, failing):
+    """The local write is all or nothing: a rename that fails leaves the previous report, every file."""
+    write_run(tmp_path / "run", table)
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "run"), "--out", str(out), "--no-cascade"]) == 0
+    before = report_folder(out)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        moving = os.path.basename(src).startswith(".out.new-") if failing == "new into place" else src == str(out)
+        if moving:
+            raise OSError(f"injected failure renaming {src}")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="injected failure"):
+        main([str(tmp_path / "run"), "--out", str(out), "--sigmas", "0.5", "1.0", "--p0", "0.6"])
+    monkeypatch.undo()
+    assert report_folder(out) == before  # the old complete set, not a mix
+    assert sorted(os.listdir(tmp_path)) == ["out", "run"]  # no staging or backup folders left
+    assert main([str(tmp_path / "run"), "--out", str(out), "--sigmas", "0.5", "1.0", "--p0", "0.6"]) == 0
+    after = report_folder(out)
+    assert set(after) == OUTPUTS and all(after[name] != before[name] for name in ("summary.csv", "summary.md"))
+
+
+def test_folder_with_other_files_is_refused(tmp_path, table, capsys):
+    """Replacing the folder whole must not delete what is not a report's: refused, nothing written."""
+    write_run(tmp_path / "run", table)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "summary.md").write_text("old")
+    assert main([str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert "not a report folder" in capsys.readouterr().err
+    assert report_folder(out) == {"notes.txt": b"mine", "summary.md": b"old"}
+    assert sorted(os.listdir(tmp_path)) == ["out", "run"]
+
+
+def test_writes_report_to_s3(s3_bucket, tmp_path, table):
+    import s3fs
+
+    write_run(tmp_path / "run", table)
+    assert main([str(tmp_path / "run"), "--out", f"s3://{s3_bucket}/reports/r1", "--no-cascade"]) == 0
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/reports/r1")} == OUTPUTS
+    results = pd.read_parquet(io.BytesIO(fs.cat_file(f"{s3_bucket}/reports/r1/results.parquet")))
+    expected = certify_table(table, cascades=[])
+    np.testing.assert_allclose(results["radius"], expected["radius"])

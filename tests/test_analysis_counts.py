@@ -9,6 +9,7 @@ import pytest
 from analysis import CountsError, load_counts, read_counts, resolve_run, skipped_images, validate_counts
 from analysis.synthetic import synthetic_counts
 from pipeline.counts_schema import ERRORS_SCHEMA, REQUIRED_COLUMNS
+from pipeline.run_dir import RunDirectory, RunDirectoryError
 
 
 def small_table(**kwargs) -> pa.Table:
@@ -116,20 +117,57 @@ def write_run(root, table: pa.Table, parts: int = 2) -> None:
         pq.write_table(table.slice(lo, hi - lo), root / "counts" / f"part-{i}.parquet")
 
 
-def test_run_directory_reading_skips_temporary_files(tmp_path):
+def test_run_directory_reading_skips_in_progress_files(tmp_path):
     table = small_table()
     write_run(tmp_path, table)
     counts_dir = tmp_path / "counts"
-    for junk in (".tmp-abc", ".part-9.parquet", "_part-9.parquet", "part-9.parquet.tmp"):
+    for junk in (".tmp-abc", ".part-9.parquet"):
         (counts_dir / junk).write_bytes(b"not parquet")
-    (counts_dir / "_temporary").mkdir()
-    (counts_dir / "_temporary" / "part-9.parquet").write_bytes(b"not parquet")
     run = resolve_run(str(tmp_path))
     assert [p.rsplit("/", 1)[-1] for p in run.counts] == ["part-0.parquet", "part-1.parquet"]
     assert run.errors == () and run.manifest is None
+    assert list(run.counts) == RunDirectory.at(str(tmp_path)).counts_files()  # exactly what resume sees
     assert load_counts(str(tmp_path)).equals(table)
     assert load_counts(f"file://{counts_dir}").equals(table)
     assert load_counts(str(counts_dir / "part-1.parquet")).num_rows == table.num_rows - table.num_rows // 2
+
+
+@pytest.mark.parametrize("stray", ["notes.txt", "_part-9.parquet", "part-9.parquet.tmp", "sub/part-9.parquet",
+                                   "_temporary/part-9.parquet"])
+def test_a_stray_file_in_a_run_is_named_not_read(tmp_path, stray):
+    """Resume and compaction would not see it: the analysis must not aggregate it either."""
+    table = small_table()
+    write_run(tmp_path, table)
+    path = tmp_path / "counts" / stray
+    path.parent.mkdir(exist_ok=True)
+    pq.write_table(table.slice(0, 1), path)
+    named = f"counts/{stray.split('/')[0]}"
+    for uri in (str(tmp_path), f"file://{tmp_path}/counts/"):
+        with pytest.raises(RunDirectoryError, match=named):
+            resolve_run(uri)
+    with pytest.raises(RunDirectoryError, match=named):
+        RunDirectory.at(str(tmp_path)).done_keys()
+
+
+def test_a_stray_error_file_is_named(tmp_path):
+    write_run(tmp_path, small_table())
+    (tmp_path / "errors" / "nested").mkdir(parents=True)
+    with pytest.raises(RunDirectoryError, match="errors/nested"):
+        resolve_run(str(tmp_path))
+
+
+def test_a_folder_outside_a_run_is_read_recursively_without_temporary_files(tmp_path):
+    table = small_table()
+    folder = tmp_path / "exported"
+    (folder / "a").mkdir(parents=True)
+    pq.write_table(table.slice(0, 5), folder / "first.parquet")
+    pq.write_table(table.slice(5), folder / "a" / "second.parquet")
+    for junk in (".tmp-abc", ".part-9.parquet", "_part-9.parquet", "part-9.parquet.tmp", "_temporary/part-9.parquet"):
+        (folder / junk).parent.mkdir(exist_ok=True)
+        (folder / junk).write_bytes(b"not parquet")
+    run = resolve_run(str(folder))
+    assert [p.rsplit("/", 2)[-2:] for p in run.counts] == [["a", "second.parquet"], ["exported", "first.parquet"]]
+    assert load_counts(str(folder)).num_rows == table.num_rows
 
 
 def test_extra_columns_are_not_read(tmp_path):
@@ -176,3 +214,26 @@ def test_skipped_images_counts_error_records_without_counts(tmp_path):
     run = resolve_run(str(tmp_path))
     assert len(run.errors) == 4
     assert skipped_images(run, validate_counts(read_counts(run)).image_ids) == 2
+
+
+def test_two_runs_in_one_directory_are_refused(tmp_path):
+    """Counts of two run_ids are never aggregated as one (issue 11, item 6)."""
+    table = small_table()
+    write_run(tmp_path, table)
+    other = table.slice(0, 2).set_column(0, "run_id", pa.array(["other"] * 2))
+    pq.write_table(other, tmp_path / "counts" / "part-9.parquet")
+    first = table["run_id"][0].as_py()
+    with pytest.raises(CountsError, match=rf"run_id.*'{first}'.*part-0.parquet.*'other'.*part-9.parquet"):
+        load_counts(str(tmp_path))
+
+
+def test_counts_of_another_run_than_the_manifest_are_refused(tmp_path):
+    import json
+
+    table = small_table()
+    write_run(tmp_path, table)
+    (tmp_path / "manifest.json").write_text(json.dumps({"run_id": "elsewhere"}))
+    with pytest.raises(CountsError, match=r"run_id.*part-0.parquet.*'elsewhere'.*manifest"):
+        load_counts(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({"run_id": table["run_id"][0].as_py()}))
+    assert load_counts(str(tmp_path)).num_rows == table.num_rows

@@ -1,58 +1,113 @@
-"""jobs.benchmark on tiny settings: it runs both paths, prints their ratio, and its baseline
-computes the same function as the sampler (no timing thresholds)."""
+"""The throughput benchmark's parts: its baseline computes the sampler's function, it draws the
+samples it claims, its FLOP count matches the layers' formula, the GPU peak lookup matches whole
+model numbers; and ``python -m jobs.benchmark`` runs both paths (no timing thresholds)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from jobs.benchmark import PRESETS, main, peak_bf16_flops, reference_counts
+from pipeline.device_info import BF16_PEAK_FLOPS, peak_bf16_flops
+from pipeline.models.benchmark_presets import BENCHMARK_PRESETS
 from pipeline.models.factory import create_denoise_classify
+from pipeline.reference_loop import reference_counts
 from pipeline.sampling import MonteCarloSampler
+from pipeline.throughput import Workload, flops_per_sample, measure_throughput
 
 TINY = ["--preset", "small", "--device", "cpu", "--images", "1", "--n0", "2", "--n", "6", "--batch-size", "4",
         "--sigmas", "0.5", "--threads", "1"]
 
 
-def printed_ratio(out: str) -> float:
-    match = re.search(r"^ratio sampler/baseline: ([0-9.]+)x$", out, re.MULTILINE)
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    preset = BENCHMARK_PRESETS["small"]
+    return create_denoise_classify(preset.denoiser, preset.classifier)
+
+
+def test_baseline_and_sampler_agree_at_tiny_noise(small_model):
+    """At sigma = 1e-4 the smoothed prediction is deterministic: both loops count only the class the
+    model gives the (almost) clean image, every sample."""
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = int(small_model(x, torch.full((1,), 1e-4)).argmax(1))
+    base = reference_counts(small_model, x, 1e-4, 10, batch_size=4)
+    ours = MonteCarloSampler(small_model, batch_size=8, device="cpu").sample(x, ["x"], [1e-4], 0, 10, seed=0)
+    np.testing.assert_array_equal(ours.counts[0, 0], base)
+    assert base[clean] == 10
+
+
+@pytest.mark.parametrize("num, batch_size", [(10, 4), (3, 8), (8, 8), (0, 4)])
+def test_reference_loop_draws_exactly_num_samples(small_model, num, batch_size):
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    counts = reference_counts(small_model, x, 0.5, num, batch_size)
+    assert counts.dtype == np.int64 and counts.shape == (10,) and counts.sum() == num
+
+
+class ConvNet(torch.nn.Module):
+    """conv 3x3 (3 -> 8 channels, same padding), global mean, linear 8 -> 10: FLOPs known in closed form."""
+
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x, sigma):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("batch_size, size", [(4, 16), (3, 8)])
+def test_flops_per_sample_match_the_layers_formula(batch_size, size):
+    sampler = MonteCarloSampler(ConvNet(), batch_size=batch_size, device="cpu")
+    work = Workload(torch.rand(2, 3, size, size), ["a", "b"], [0.25], 1, 1)
+    conv = 2 * size * size * 8 * (3 * 3 * 3)      # a multiply and an add per weight per output pixel
+    linear = 2 * 8 * 10
+    assert flops_per_sample(sampler, work) == conv + linear
+
+
+def test_peak_lookup_matches_whole_model_numbers():
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == BF16_PEAK_FLOPS["H100"]
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == BF16_PEAK_FLOPS["A100"]
+    assert peak_bf16_flops("NVIDIA GH200 480GB") == BF16_PEAK_FLOPS["H200"]
+    assert peak_bf16_flops("NVIDIA RTX A1000 6GB Laptop GPU") is None  # no A100
+    assert peak_bf16_flops("NVIDIA GeForce RTX 3090") is None
+
+
+def test_measure_throughput_counts_what_it_ran():
+    result = measure_throughput("small", device="cpu", images=2, n0=1, n=3, sigmas=[0.5, 1.0], batch_size=4, threads=1)
+    assert (result.device, result.dtype, result.batch_size, result.peak_flops) == ("cpu", "float32", 4, None)
+    assert result.samples == 2 * 2 * (1 + 3)
+    assert result.baseline_s > 0 and result.sampler_s > 0 and result.flops_per_sample > 0
+    assert result.ratio == pytest.approx(result.baseline_s / result.sampler_s)
+    assert not any("fraction of dense bf16 peak" in line for line in result.lines())
+
+
+def printed(pattern: str, out: str) -> float:
+    match = re.search(pattern, out, re.MULTILINE)
     assert match, out
     return float(match.group(1))
 
 
-def test_main_prints_both_rates_and_ratio(capsys):
-    result = main(TINY)
-    out = capsys.readouterr().out
-    assert result.samples == 8 and result.device == "cpu" and result.dtype == "float32"
-    assert printed_ratio(out) == pytest.approx(result.baseline_s / result.sampler_s, abs=0.006)
-    assert f"baseline (reference loop, float32): {8 / result.baseline_s:.2f} samples/s" in out
-    assert result.flops_per_sample > 0 and result.peak_flops is None
-    assert "fraction of dense bf16 peak" not in out
-
-
-def test_baseline_and_sampler_agree_at_tiny_noise():
-    """At sigma = 1e-4 the smoothed prediction is deterministic: both loops count one class."""
-    torch.manual_seed(0)
-    preset = PRESETS["small"]
-    model = create_denoise_classify(preset.denoiser, preset.classifier)
-    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    base = reference_counts(model, x, 1e-4, 10, batch_size=4)
-    ours = MonteCarloSampler(model, batch_size=8, device="cpu").sample(x, ["x"], [1e-4], 0, 10, seed=0)
-    np.testing.assert_array_equal(ours.counts[0, 0], base)
-    assert base.max() == 10
-
-
-def test_peak_table():
-    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert peak_bf16_flops("NVIDIA H200") == 989e12
-    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert peak_bf16_flops("NVIDIA GeForce RTX 3090") is None
+def test_command_line_prints_both_rates_and_their_ratio():
+    proc = subprocess.run([sys.executable, "-m", "jobs.benchmark", *TINY], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    baseline = printed(r"^baseline \(reference loop, float32\): ([0-9.]+) samples/s$", proc.stdout)
+    sampler = printed(r"^sampler \(MonteCarloSampler, float32\): ([0-9.]+) samples/s$", proc.stdout)
+    ratio = printed(r"^ratio sampler/baseline: ([0-9.]+)x$", proc.stdout)
+    assert ratio == pytest.approx(sampler / baseline, rel=0.02, abs=0.01)
+    assert "samples=8" in proc.stdout and "GFLOP" in proc.stdout
 
 
 @pytest.mark.slow
 def test_runs_as_ray_task(ray_local, capsys):
+    from jobs.benchmark import main
+
     result = main([*TINY, "--ray"])
-    assert result.samples == 8
-    assert printed_ratio(capsys.readouterr().out) > 0
+    assert result.samples == 8 and result.device == "cpu"
+    assert printed(r"^ratio sampler/baseline: ([0-9.]+)x$", capsys.readouterr().out) > 0

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.calibration import calibration_objective, calibration_terms
+from pipeline.finetuning.loss import calibration_objective, calibration_terms
 
 
 def test_terms_on_hand_made_probabilities():
@@ -49,8 +49,8 @@ def test_rejects_single_sample():
 
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 
-from pipeline.calibration import batch_loss, denoising_mse, holdout_statistics, sample_probs  # noqa: E402
 from pipeline.diffusion import NoiseSchedule  # noqa: E402
+from pipeline.finetuning.loss import batch_loss, denoising_mse, holdout_statistics, sample_probs  # noqa: E402
 from pipeline.models.classifier import Classifier  # noqa: E402
 from pipeline.models.denoiser import Denoiser  # noqa: E402
 from pipeline.models.factory import DenoiseAndClassify  # noqa: E402

@@ -1,5 +1,6 @@
-"""The certification job end to end with real parts: moto S3 shards made by make_shards, a local
-Ray, tiny diffusers/timm models with random weights, then jobs.aggregate on the output.
+"""The certification run end to end with real parts: moto S3 shards made by make_shards, a local
+Ray, tiny diffusers/timm models with random weights, then jobs.aggregate on the output; and
+``python -m jobs.certify`` after ``ray job submit``.
 
 Counts are checked against an independent in-process computation (MonteCarloSampler on the
 same decoded images); faults: a corrupt JPEG, a SIGKILLed actor, an interrupted run resumed.
@@ -27,17 +28,17 @@ import yaml
 from PIL import Image
 
 from conftest import create_bucket, free_port
-from jobs.bench_pipeline import write_small_models
-from jobs.certify import run
-from jobs.make_shards import make_shards
 from pipeline.certification import FALL_THROUGH, SparseCounts, cascade_stage_outcome
-from pipeline.config import config_from_dict
-from pipeline.run_dir import RunDirectory
+from pipeline.certify_run import run_certification
+from pipeline.config import ConfigError, config_from_dict
 from pipeline.counts_schema import COUNTS_SCHEMA, ERRORS_SCHEMA
 from pipeline.errors import StorageError
 from pipeline.images import resize_image
 from pipeline.models.factory import create_denoise_classify
+from pipeline.models.small import write_small_models
+from pipeline.run_dir import RunDirectory
 from pipeline.sampling import MonteCarloSampler
+from pipeline.shard_writer import make_shards
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +123,7 @@ def dense(classes, values, num_classes=10) -> np.ndarray:
 @pytest.fixture(scope="module")
 def full_run(ray_local, models, bucket, shards):
     cfg = make_config(models, bucket, "full")
-    summary = run(cfg)
+    summary = run_certification(cfg)
     return cfg, summary, RunDirectory(cfg.output["uri"], "full")
 
 
@@ -182,27 +183,27 @@ def test_resume_after_interruption_writes_only_missing_rows(full_run, ray_local)
     for p in lost:
         store.fs.rm(p)
     store.fs.pipe_file(f"{store.counts_dir}/.tmp-{uuid.uuid4().hex}", b"PAR1 half written")  # a crash leftover
-    summary = run(cfg)
+    summary = run_certification(cfg)
     assert summary["images"] == len(lost_images) and summary["rows"] == 2 * len(lost_images)
     after = counts_of(store)
     keep = [c for c in COUNTS_SCHEMA.names if c not in ("worker", "seconds")]
     assert after.select(keep).to_pylist() == before.select(keep).to_pylist()
-    again = run(cfg)  # nothing left: no actor work at all
+    again = run_certification(cfg)  # nothing left: no actor work at all
     assert (again["images"], again["rows_total"]) == (0, 20)
 
 
 def test_config_change_refuses_resume(full_run):
     cfg, _, _ = full_run
     changed = config_from_dict(cfg.to_dict(), ["smoothing.n=17"])
-    with pytest.raises(StorageError, match="smoothing differ"):
-        run(changed)
+    with pytest.raises(ConfigError, match=r"output\.run_id: full exists .*\(smoothing\.n differ\)"):
+        run_certification(changed)
 
 
 def test_killed_actor_loses_and_duplicates_nothing(ray_local, models, bucket, shards):
     cfg = make_config(models, bucket, "killed", "smoothing.n=256", "compute.images_per_call=1")
     store = RunDirectory(cfg.output["uri"], "killed")
     result = {}
-    thread = threading.Thread(target=lambda: result.update(run(cfg)))
+    thread = threading.Thread(target=lambda: result.update(run_certification(cfg)))
     thread.start()
     deadline, victim = time.time() + 240, None
     while victim is None and time.time() < deadline and thread.is_alive():
@@ -224,7 +225,7 @@ def test_killed_actor_loses_and_duplicates_nothing(ray_local, models, bucket, sh
 def test_cascade_mode_webdataset(ray_local, models, bucket, shards):
     cfg = make_config(models, bucket, "cascade", "smoothing.mode=cascade", "smoothing.sigmas=[0.12, 0.25, 0.5]",
                       "smoothing.p0=0.6", "smoothing.alpha=0.2", "smoothing.n=64", fmt="webdataset")
-    summary = run(cfg)
+    summary = run_certification(cfg)
     store = RunDirectory(cfg.output["uri"], "cascade")
     rows = counts_of(store).to_pylist()
     s = cfg.smoothing
@@ -259,14 +260,14 @@ def fresh_s3_clients():
 
 def test_fails_fast_on_storage_problems(models, bucket, shards, monkeypatch, tmp_path, fresh_s3_clients):
     with pytest.raises(StorageError, match=r"data.uri s3://no-such-bucket-[0-9a-f]+/x/: cannot list shards"):
-        run(config_from_dict(make_config(models, bucket, "ff").to_dict(),
+        run_certification(config_from_dict(make_config(models, bucket, "ff").to_dict(),
                              [f"data.uri=s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x/"]))
     with pytest.raises(StorageError, match=r"data.uri .*: no parquet shards found"):
-        run(config_from_dict(make_config(models, bucket, "ff").to_dict(), [f"data.uri=s3://{bucket}/nothing/*.parquet"]))
+        run_certification(config_from_dict(make_config(models, bucket, "ff").to_dict(), [f"data.uri=s3://{bucket}/nothing/*.parquet"]))
     with pytest.raises(StorageError, match=r"output.uri s3://no-such-out-bucket.*cannot write the run"):
-        run(config_from_dict(make_config(models, bucket, "ff").to_dict(), ["output.uri=s3://no-such-out-bucket/runs"]))
+        run_certification(config_from_dict(make_config(models, bucket, "ff").to_dict(), ["output.uri=s3://no-such-out-bucket/runs"]))
     with pytest.raises(StorageError, match=r"models.denoiser.uri .*: not found"):
-        run(config_from_dict(make_config(models, bucket, "ff").to_dict(), [f"models.denoiser.uri={tmp_path}/none"]))
+        run_certification(config_from_dict(make_config(models, bucket, "ff").to_dict(), [f"models.denoiser.uri={tmp_path}/none"]))
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -274,7 +275,7 @@ def test_fails_fast_on_storage_problems(models, bucket, shards, monkeypatch, tmp
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     s3fs.S3FileSystem.clear_instance_cache()  # a fresh process would hold no cached client
     with pytest.raises(StorageError, match=r"data.uri .*credentials"):
-        run(make_config(models, bucket, "ff"))
+        run_certification(make_config(models, bucket, "ff"))
     monkeypatch.undo()
 
 

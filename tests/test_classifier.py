@@ -62,7 +62,7 @@ def test_resnet_with_explicit_input_size(tmp_path):
 
 
 def test_timm_data_config_sets_the_input_size():
-    clf = load_classifier({"name": "test_vit", "num_classes": 5})
+    clf = load_classifier({"name": "test_vit", "num_classes": 5, "random_weights": True})
     assert clf.input_size == (160, 160)
     assert clf.weight_files == {}
     assert clf(images(size=32)).shape == (2, 5)
@@ -104,8 +104,9 @@ def test_pretrained_only_from_the_local_cache(tmp_path, monkeypatch):
         torch.testing.assert_close(clf(x), expected_logits(model, x, 160, (0.5,) * 3, (0.5,) * 3))
     # timm's own head adaptation applies when num_classes differs from the pretrained one
     assert load_classifier({**spec, "num_classes": 3})(x).shape == (2, 3)
-    with pytest.raises(ValueError, match="not both"):
-        load_classifier({**spec, "uri": str(cached)})
+    for other in ({"uri": str(cached)}, {"random_weights": True}):
+        with pytest.raises(ValueError, match="exactly one of a weights uri, pretrained: true and random_weights"):
+            load_classifier({**spec, **other})
 
 
 def test_unknown_spec_keys_are_rejected():

@@ -143,3 +143,9 @@ def test_a_project_error_raised_inside_a_ray_task_keeps_its_traceback(raw, tmp_p
 
     with pytest.raises(RayTaskError):
         run_config_job(["--config", str(path)], "t", "k=v", load_config, fails_remotely)
+
+
+def test_exponent_notation_is_a_number(raw):
+    """YAML 1.1 reads 1e-3 as a string; configs and --set read it as the float a user means."""
+    cfg = config_from_dict(raw, ["smoothing.alpha=1e-3", "smoothing.sigmas=[2.5e-1, 5e-1]"])
+    assert cfg.smoothing["alpha"] == 0.001 and cfg.smoothing["sigmas"] == (0.25, 0.5)

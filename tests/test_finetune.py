@@ -1,6 +1,7 @@
-"""Calibration fine-tuning: config errors, one step's effect, and a real two-worker Ray Train run
-(digits shards made by make_shards, tiny diffusers UNet + timm ResNet, checkpoints and result on
-the moto S3 server) that certification's loader reads, resumed to a later step."""
+"""Calibration fine-tuning: config errors, the resume policy, one step's effect, and a real
+two-worker Ray Train run (digits shards made by make_shards, tiny diffusers UNet + timm ResNet,
+checkpoints and result on the moto S3 server) that certification's loader reads, resumed to a
+later step."""
 from __future__ import annotations
 
 import json
@@ -13,12 +14,13 @@ import timm
 import torch
 from diffusers import UNet2DModel
 
-from jobs.finetune import Finetuner, config_from_dict, is_holdout, run, stat_names
-from jobs.make_shards import make_shards
-from jobs.train_demo import digits_split, write_image_folder
 from pipeline.config import ConfigError
+from pipeline.digits import digits_split, write_image_folder
+from pipeline.finetuning import Finetuner, finetune_config_from_dict, is_holdout, run_finetuning, stat_names
+from pipeline.finetuning.train_loop import check_resumable
 from pipeline.models.denoiser import load_denoiser
 from pipeline.models.factory import create_denoise_classify
+from pipeline.shard_writer import make_shards
 from pipeline.storage import url_to_fs
 
 SIGMAS = [0.25, 0.5]
@@ -64,7 +66,23 @@ def raw_config(models, **sections) -> dict:
 ])
 def test_config_errors_name_the_key(models, override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
-        config_from_dict(raw_config(models), [override])
+        finetune_config_from_dict(raw_config(models), [override])
+
+
+def test_resume_may_change_only_the_resumable_settings(models, tmp_path):
+    def submit(*overrides):
+        check_resumable(finetune_config_from_dict(raw_config(models), [f"checkpoint.uri={tmp_path}", *overrides]))
+
+    submit()  # the first submission records its settings beside the checkpoints
+    assert (tmp_path / "run" / "finetune_request.json").exists()
+    submit("training.steps=10", "training.log_every=1", "training.checkpoint_every=5",
+           "training.holdout_limit=8", f"models.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError, match=r"checkpoint.name: run exists with a different config \(training.lr differ\)"):
+        submit("training.lr=0.01")
+    with pytest.raises(ConfigError, match=r"checkpoint.name: run exists with a different config "
+                                          r"\(data.resolution, models.denoiser.uri differ\)"):
+        submit("data.resolution=32", f"models.denoiser.uri={tmp_path}")
+    submit("training.lr=0.01", "checkpoint.name=other")  # a new name is a new run
 
 
 def test_holdout_split_is_a_stable_fraction():
@@ -77,7 +95,7 @@ def test_holdout_split_is_a_stable_fraction():
 
 def test_one_step_changes_the_unet_not_the_classifier(models):
     torch.set_num_threads(1)
-    cfg = config_from_dict(raw_config(models)).to_dict()  # mu = 0: only the calibration term,
+    cfg = finetune_config_from_dict(raw_config(models)).to_dict()  # mu = 0: only the calibration term,
     model = create_denoise_classify(cfg["models"]["denoiser"], cfg["models"]["classifier"])  # which reaches
     finetuner = Finetuner(model, cfg, torch.device("cpu"))  # the UNet only through the classifier
     unet0 = {k: v.clone() for k, v in model.denoiser.unet.state_dict().items()}
@@ -111,8 +129,10 @@ def test_two_worker_run_on_s3_is_certifiable_and_resumes(ray_local, s3_bucket, m
                  f"output.uri={base}/finetuned", "compute.num_workers=2", "compute.cpus_per_worker=0.5",
                  "compute.cpus_per_task=0.5", "compute.torch_threads=1", "compute.max_failures=0",
                  "training.batch_size=4", "training.log_every=1", "training.checkpoint_every=2",
-                 "training.holdout_fraction=0.2", "loss.mu=1.0"]
-    first = run(config_from_dict(raw_config(models), [*overrides, "training.steps=3"]))
+                 "training.holdout_fraction=0.2", "loss.mu=1.0",
+                 # a relative path names the same file for the workers as for the driver
+                 f"models.classifier.uri={os.path.relpath(models / 'classifier.safetensors')}"]
+    first = run_finetuning(finetune_config_from_dict(raw_config(models), [*overrides, "training.steps=3"]))
     assert first["metrics"]["step"] == 3 and first["metrics"]["start_step"] == 0
     assert first["checkpoint"].endswith("step-00000003")
 
@@ -124,7 +144,7 @@ def test_two_worker_run_on_s3_is_certifiable_and_resumes(ray_local, s3_bucket, m
     assert diff, "the exported denoiser equals the original"
 
     # re-submitting the same checkpoint name resumes at step 3 and trains to the new total
-    second = run(config_from_dict(raw_config(models), [*overrides, "training.steps=4"]))
+    second = run_finetuning(finetune_config_from_dict(raw_config(models), [*overrides, "training.steps=4"]))
     assert second["metrics"]["step"] == 4 and second["metrics"]["start_step"] == 3
     fs, path = url_to_fs(f"{base}/finetuned")
     written = json.loads(fs.cat_file(f"{path}/finetune_config.json"))
@@ -137,4 +157,4 @@ def test_two_worker_run_on_s3_is_certifiable_and_resumes(ray_local, s3_bucket, m
 
     # a re-submission that would change the trajectory is refused before any work
     with pytest.raises(ConfigError, match=r"checkpoint.name: run exists with a different config \(loss.lam differ\)"):
-        run(config_from_dict(raw_config(models), [*overrides, "training.steps=5", "loss.lam=2.0"]))
+        run_finetuning(finetune_config_from_dict(raw_config(models), [*overrides, "training.steps=5", "loss.lam=2.0"]))

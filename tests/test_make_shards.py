@@ -1,9 +1,12 @@
-"""make_shards: folder -> Parquet/WebDataset shards (local and S3), read back by pipeline.shards."""
+"""pipeline.shard_writer and its command line ``python -m jobs.make_shards``: folder -> Parquet/WebDataset
+shards (local and S3), read back by pipeline.shards."""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -11,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from jobs.make_shards import list_images, make_shards
+from pipeline.shard_writer import list_images, make_shards
 from pipeline.errors import StorageError
 from pipeline.images import resize_image
 from pipeline.shards import list_shards, scan_image_ids, select_ids
@@ -72,6 +75,19 @@ def test_parquet_shards_default_class_index(imagenet_folder, tmp_path):
         original = next((imagenet_folder / cls).glob(r["image_id"] + ".*")).read_bytes()
         assert r["image"] == original
     assert [len(pq.read_table(url_to_fs(u)[1])) for u in uris] == [4, 4, 1]
+
+
+def test_command_line(imagenet_folder, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jobs.make_shards", str(imagenet_folder), str(tmp_path / "out"),
+                           "--format", "webdataset", "--shard-size", "4", "--prefix", "val"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote 3 shards to {tmp_path / 'out'}"
+    uris = sorted(str(p) for p in (tmp_path / "out").iterdir())
+    assert [u.rsplit("/", 1)[-1] for u in uris] == ["val-00000.tar", "val-00001.tar", "val-00002.tar"]
+    index = {cls: i for i, cls in enumerate(sorted(CLASSES))}
+    labels = [int(data) for name, data in read_tar_shards(uris) if name.endswith(".cls")]
+    assert labels == [label for _, label in expected_order(index)]
 
 
 @pytest.mark.parametrize("style", ["torchvision", "flat"])

@@ -15,9 +15,11 @@ TINY_DENOISER = {
                    "channel_mult": (1, 2), "num_head_channels": 16, "learn_sigma": True, "resblock_updown": True,
                    "use_scale_shift_norm": True},
     "schedule": {"beta_schedule": "linear", "num_train_timesteps": 1000},
+    "random_weights": True,
 }
 TINY_CLASSIFIER = {"name": "vit_tiny_patch16_224", "num_classes": 10, "input_size": [3, 16, 16],
-                   "model_kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3}}
+                   "model_kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 3},
+                   "random_weights": True}
 
 
 def tiny_model(seed: int = 0) -> DenoiseAndClassify:

@@ -1,13 +1,20 @@
 """Off-the-shelf classifier f: a timm model with its own input size and normalisation.
 
-Weights come from a URI (safetensors or a flat state dict, read without arbitrary unpickling)
-or, when the spec asks for ``pretrained``, from timm's weights already in the local
-Hugging Face / torch hub cache; nothing is downloaded from a model hub here.
+Weights come from exactly one source: a URI (safetensors or a flat state dict, read without
+arbitrary unpickling), ``pretrained`` (timm's weights already in the local Hugging Face /
+torch hub cache; nothing is downloaded from a model hub here) or ``random_weights``.
+
+``format`` says how a URI's weights are laid out: ``timm`` (default: a timm state dict for the
+model ``name``) or ``hf-vit`` (a Hugging Face transformers ``ViTForImageClassification``
+``save_pretrained`` folder, converted into the timm VisionTransformer ``name`` by
+:mod:`pipeline.models.hf_vit`, with the checkpoint's layer-norm eps and image-processor
+normalisation; e.g. Carlini et al.'s CIFAR-10 ViT-B/16 with ``name: vit_base_patch16_224``).
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 from urllib.parse import urlparse
 
@@ -17,9 +24,12 @@ import timm.data
 import torch
 import torch.nn.functional as F
 
+from pipeline.models.hf_vit import check_architecture, hf_vit_to_timm_state_dict, read_hf_vit_folder
 from pipeline.storage import fetch_to_cache, load_state_dict_strict, read_state_dict
 
-SPEC_KEYS = frozenset({"name", "num_classes", "uri", "pretrained", "model_kwargs", "input_size"})
+SPEC_KEYS = frozenset({"name", "num_classes", "format", "uri", "pretrained", "random_weights", "model_kwargs",
+                       "input_size"})
+FORMATS = ("timm", "hf-vit")
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 ANTIALIAS_MODES = ("bicubic", "bilinear")
 
@@ -52,20 +62,27 @@ class Classifier(torch.nn.Module):
 def load_classifier(spec: Mapping[str, Any], cache_dir: str | None = None) -> Classifier:
     """A :class:`Classifier` from ``spec``.
 
-    Keys: name (timm), num_classes, uri (weights: .safetensors, a state dict .pt/.pth/.bin, or a
-    folder holding model.safetensors / pytorch_model.bin), pretrained (timm's weights, only from
-    the local cache), model_kwargs (for timm.create_model), input_size ([3, H, W]; else
-    model_kwargs.img_size, else timm's data config). Without uri or pretrained the weights are
-    random. A state dict that does not fit fails naming the keys. Returned in eval mode.
+    Keys: name (timm), num_classes, format (timm | hf-vit, module docstring), and exactly one
+    weight source: uri (timm: .safetensors, a state dict .pt/.pth/.bin, or a folder holding
+    model.safetensors / pytorch_model.bin; hf-vit: a transformers folder), pretrained (timm's
+    weights, only from the local cache; timm format) or random_weights. model_kwargs (for
+    timm.create_model), input_size ([3, H, W]; else model_kwargs.img_size, else timm's data
+    config, or for hf-vit the model's image size). A state dict that does not fit fails naming
+    the keys. Returned in eval mode.
     """
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ValueError(f"unknown classifier spec keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
     name, uri, kwargs = spec["name"], spec.get("uri"), dict(spec.get("model_kwargs") or {})
+    fmt = spec.get("format") or "timm"
+    if fmt not in FORMATS:
+        raise ValueError(f"classifier format {fmt!r}; known: {', '.join(FORMATS)}")
     if spec.get("num_classes") is not None:
         kwargs["num_classes"] = int(spec["num_classes"])
-    if uri and spec.get("pretrained"):
-        raise ValueError("give the classifier either a weights uri or pretrained: true, not both")
+    if [bool(uri), bool(spec.get("pretrained")), bool(spec.get("random_weights"))].count(True) != 1:
+        raise ValueError("give the classifier exactly one of a weights uri, pretrained: true and random_weights: true")
+    if fmt == "hf-vit":
+        return _load_hf_vit(name, kwargs, uri, bool(spec.get("pretrained")), spec.get("input_size"), cache_dir)
     model = timm.create_model(name, pretrained=False, **kwargs)
     weight_files: dict[str, str] = {}
     if uri:
@@ -83,6 +100,28 @@ def load_classifier(spec: Mapping[str, Any], cache_dir: str | None = None) -> Cl
     classifier = Classifier(model, model.num_classes, tuple(size[-2:]), config["mean"], config["std"],
                             config.get("interpolation", "bicubic"))
     classifier.weight_files.update(weight_files)
+    return classifier.eval()
+
+
+def _load_hf_vit(name: str, kwargs: dict[str, Any], uri: str | None, pretrained: bool,
+                 input_size: list[int] | None, cache_dir: str | None) -> Classifier:
+    """Format hf-vit: the timm VisionTransformer ``name`` with the checkpoint's layer-norm eps,
+    filled from a transformers folder at ``uri`` (else random weights, transformers' ViT
+    defaults for eps and normalisation); inputs resized bicubic (antialiased) to its image
+    size, as Carlini et al. feed the transformers model."""
+    if pretrained:
+        raise ValueError("classifier: pretrained (timm's cached weights) does not apply to format hf-vit; "
+                         "give the transformers folder's uri")
+    local = fetch_to_cache(uri, cache_dir) if uri else None
+    hf = read_hf_vit_folder(local)
+    kwargs = {"norm_layer": partial(torch.nn.LayerNorm, eps=float(hf.config["layer_norm_eps"])), **kwargs}
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    check_architecture(model, hf, local or "transformers' ViT defaults")
+    classifier = Classifier(model, model.num_classes, tuple(input_size[-2:]) if input_size else model.patch_embed.img_size,
+                            hf.mean, hf.std, "bicubic")
+    if hf.weights is not None:
+        load_state_dict_strict(model, hf_vit_to_timm_state_dict(read_state_dict(hf.weights)), hf.weights)
+        classifier.weight_files[f"{uri.rstrip('/')}/{os.path.basename(hf.weights)}"] = hf.weights
     return classifier.eval()
 
 

@@ -23,7 +23,7 @@ class DenoiseAndClassify(torch.nn.Module):
         self.num_classes = classifier.num_classes
 
     def forward(self, x_noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """x_noisy = x + sigma*eps [B,3,H,W] in [0,1] units at the denoiser's resolution; sigma scalar or [B]."""
+        """x_noisy = x + sigma*eps [B,3,R,R] in [0,1] units at the certification resolution; sigma scalar or [B]."""
         return self.classifier(self.denoiser(x_noisy, sigma))
 
     def classify_clean(self, x: torch.Tensor) -> torch.Tensor:
@@ -32,9 +32,17 @@ class DenoiseAndClassify(torch.nn.Module):
 
 
 def create_denoise_classify(denoiser_spec: Mapping[str, Any], classifier_spec: Mapping[str, Any],
-                            cache_dir: str | None = None) -> DenoiseAndClassify:
-    """Both models loaded from their specs (see load_denoiser / load_classifier), in eval mode."""
+                            cache_dir: str | None = None, resolution: int | None = None) -> DenoiseAndClassify:
+    """Both models loaded from their specs (see load_denoiser / load_classifier), in eval mode.
+
+    ``resolution`` (``data.resolution``, the certification resolution) is checked against the
+    denoiser's UNet size and ``models.denoiser.input`` before the classifier is loaded: a
+    mismatch that is not a declared placement is a ConfigError naming the keys. Without it the
+    same check runs at the first forward pass, on the input's actual size.
+    """
     denoiser = load_denoiser(denoiser_spec, cache_dir)
+    if resolution is not None:
+        denoiser.check_resolution(resolution)
     return DenoiseAndClassify(denoiser, load_classifier(classifier_spec, cache_dir)).eval()
 
 

@@ -1,4 +1,4 @@
-"""Diffusion calibration loss for multi-scale smoothing (a reconstruction; see jobs/finetune.py).
+"""Diffusion calibration loss for multi-scale smoothing (a reconstruction; run by jobs.finetune).
 
 For a batch (x, y) and a noise scale sigma, m one-shot denoisings of x + sigma*eps_i are
 classified by the frozen classifier: q_i = softmax(f(D(x + sigma*eps_i))), q_bar = mean_i q_i.
@@ -17,10 +17,12 @@ images and the sigmas of the batch (:func:`batch_loss`). The weights lam and mu 
 configuration, not results from the paper (its exact loss is not public).
 
 Everything here is device-side and differentiable where stated; nothing syncs with the host.
+:class:`CalibrationLoss` is the trainable unit (what data parallelism wraps).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -146,3 +148,16 @@ def holdout_statistics(model: DenoiseAndClassify, x01: torch.Tensor, labels: tor
         terms = calibration_terms(probs.flatten(0, 1), labels.repeat(s))
         r, freq = terms.recoverable.view(s, b), terms.top_frequency.view(s, b)
         return torch.stack([r.sum(-1), (r * freq).sum(-1), (1 - r).sum(-1), ((1 - r) * freq).sum(-1)], dim=-1)
+
+
+class CalibrationLoss(torch.nn.Module):
+    """The trainable unit (the thing DDP wraps): forward = :func:`batch_loss` of a batch."""
+
+    def __init__(self, model: DenoiseAndClassify, loss_cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.m, self.lam, self.mu = loss_cfg["m"], loss_cfg["lam"], loss_cfg["mu"]
+
+    def forward(self, x01: torch.Tensor, labels: torch.Tensor, sigmas: torch.Tensor,
+                generator: torch.Generator) -> BatchLoss:
+        return batch_loss(self.model, x01, labels, sigmas, self.m, self.lam, self.mu, generator)

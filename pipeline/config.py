@@ -64,8 +64,9 @@ def nonneg_int(key: str, v: Any) -> int:
 
 
 def nonneg_number(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        _fail(key, "must be a non-negative number", v)
+    """A finite number >= 0 (NaN and inf are refused)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+        _fail(key, "must be a finite number >= 0", v)
     return float(v)
 
 
@@ -126,14 +127,75 @@ def int_at_least(low: int) -> Check:
     return check
 
 
+def int_in(low: int, high: int) -> Check:
+    """An integer in [low, high]; the message states the bounds."""
+    def check(key: str, v: Any) -> int:
+        if not _is_int(v) or not low <= v <= high:
+            _fail(key, f"must be an integer in [{low}, {high}]", v)
+        return v
+    return check
+
+
+# The largest image side in pixels (data.resolution, data.resize, a denoiser's input size): one
+# noisy 4096 x 4096 sample is 200 MB in float32, and a certification draws n of them per image.
+MAX_IMAGE_SIDE = 4096
+image_side = int_in(1, MAX_IMAGE_SIDE)
+MAX_SAMPLES = 10**9  # Monte Carlo samples per (image, sigma): 10,000x the largest published protocol (100,000)
+sample_count = int_in(1, MAX_SAMPLES)
+
+
 def sigmas(key: str, v: Any) -> tuple[float, ...]:
+    """A non-empty list of distinct finite noise levels > 0, returned ascending."""
     ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(
-        isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in v)
+        isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < float("inf") for s in v)
     if not ok:
-        _fail(key, "must be a non-empty list of positive numbers", v)
+        _fail(key, "must be a non-empty list of positive numbers, all finite", v)
     if len(set(v)) != len(v):
         _fail(key, "must not repeat a value", v)
     return tuple(sorted(float(s) for s in v))
+
+
+def radius_grid(key: str, v: Any) -> tuple[float, ...]:
+    """A non-empty list of distinct finite radii >= 0, returned ascending."""
+    ok = isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < float("inf") for r in v)
+    if not ok:
+        _fail(key, "must be a non-empty list of finite numbers >= 0", v)
+    if len(set(v)) != len(v):
+        _fail(key, "must not repeat a value", v)
+    return tuple(sorted(float(r) for r in v))
+
+
+def above_one(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 < v < float("inf"):
+        _fail(key, "must be a finite number > 1", v)
+    return float(v)
+
+
+def zero_to_half(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 0.5:
+        _fail(key, "must be a number in [0, 0.5)", v)
+    return float(v)
+
+
+def unit_share(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        _fail(key, "must be a number in (0, 1]", v)
+    return float(v)
+
+
+def sampling_rules(check: Check) -> Check:
+    """``check`` (the smoothing section), then the rules between its keys that sequential
+    sampling adds: its plan bounds at alpha < 0.5, and its cascade is the bonferroni schedule."""
+    def checked(key: str, v: Any) -> dict:
+        out = check(key, v)
+        if out["sampling"] == "sequential":
+            if out["alpha"] >= 0.5:
+                _fail(f"{key}.alpha", "must be < 0.5 with sequential sampling", out["alpha"])
+            if out["mode"] == "cascade" and out["schedule"] != "bonferroni":
+                _fail(f"{key}.schedule", "must be bonferroni with sequential sampling in cascade mode", out["schedule"])
+        return out
+    return checked
 
 
 def string_list(key: str, v: Any) -> tuple[str, ...]:
@@ -179,6 +241,11 @@ def section(fields: Mapping[str, tuple[Any, Check]]) -> Check:
     return check
 
 
+def auto_or(check: Check) -> Check:
+    """``auto`` (chosen for the device at run time, pipeline.device_settings) or a value ``check`` accepts."""
+    return lambda key, v: v if v == "auto" else check(key, v)
+
+
 def one_weight_source(check: Check, flags: Sequence[str]) -> Check:
     """``check`` (a model's section), then exactly one weight source: ``uri`` or one of the
     boolean ``flags`` set true (e.g. ``random_weights``); never a silent random default."""
@@ -203,8 +270,8 @@ SCHEMA: dict[str, Check] = {
         "selection": (None, section({
             "every": (1, positive_int), "offset": (0, nonneg_int),
             "limit": (None, optional(positive_int)), "image_ids": (None, optional(string_list))})),
-        "resolution": (REQUIRED, positive_int),         # certification resolution (square)
-        "resize": (None, optional(positive_int)),       # shorter side before the crop; null = resolution
+        "resolution": (REQUIRED, image_side),           # certification resolution (square)
+        "resize": (None, optional(image_side)),         # shorter side before the crop; null = resolution
         "crop": ("center", choice("center", "none")),   # none: squash to resolution x resolution
         "interpolation": ("bicubic", choice("bicubic", "bilinear", "lanczos", "nearest")),
     }),
@@ -217,7 +284,7 @@ SCHEMA: dict[str, Check] = {
             # where the data.resolution image sits in the UNet's input (pipeline.models.denoiser)
             "input": (None, section({
                 "mode": ("direct", choice("direct", "reflect_pad")),
-                "size": (None, optional(positive_int))}))}), ("random_weights",))),
+                "size": (None, optional(image_side))}))}), ("random_weights",))),
         "classifier": (REQUIRED, one_weight_source(section({
             "name": (REQUIRED, string), "num_classes": (REQUIRED, positive_int),
             "format": ("timm", choice("timm", "hf-vit")),   # weights layout (pipeline.models.classifier)
@@ -226,25 +293,37 @@ SCHEMA: dict[str, Check] = {
             ("pretrained", "random_weights"))),
         "cache_dir": (None, optional(string)),
     }),
-    "smoothing": section({
+    "smoothing": sampling_rules(section({
         "sigmas": (REQUIRED, sigmas),
-        "n0": (REQUIRED, positive_int),
-        "n": (REQUIRED, positive_int),
+        "n0": (REQUIRED, sample_count),
+        "n": (REQUIRED, sample_count),                  # estimation samples; n_max with sequential sampling
         "seed": (0, nonneg_int),
-        "mode": ("full", choice("full", "cascade")),
+        # full: CERTIFY per sigma; cascade: Jeong & Shin's; predict: Cohen's PREDICT per sigma (no radius)
+        "mode": ("full", choice("full", "cascade", "predict")),
         "p0": (0.5, half_to_one),
         "alpha": (0.001, open_unit),
         "schedule": ("bonferroni", choice("bonferroni", "paper")),
-    }),
+        # fixed: n samples per pair; sequential: up to n, stopping per pipeline.sequential's plan
+        "sampling": ("fixed", choice("fixed", "sequential")),
+        # the grid a sequential plan decides; null: 0, 0.25, ... up to the largest reachable radius
+        "radii": (None, optional(radius_grid)),
+        "sequential": (None, section({                  # looks first_look * look_ratio**i up to n
+            "first_look": (100, positive_int),
+            "look_ratio": (1.25, above_one),
+            "final_share": (0.8, unit_share),           # alpha's share spent at the last look
+            "futility": (0.1, zero_to_half)})),         # level of the futility bound; 0: none
+    })),
     "compute": section({
         "actors": (1, positive_int),
         "gpus_per_actor": (0.0, nonneg_number),         # 0 = CPU actors
         "cpus_per_actor": (1.0, nonneg_number),
         "cpus_per_task": (1.0, nonneg_number),          # preprocessing (decode + resize) tasks
-        "batch_size": (256, positive_int),              # noisy samples per forward pass
+        # device settings: auto = chosen for the device (pipeline.device_settings: measured on CPU)
+        "batch_size": ("auto", auto_or(positive_int)),  # noisy samples per forward pass
         "images_per_call": (16, positive_int),          # images per actor call = per counts file
-        "dtype": ("float32", choice("float32", "float16", "bfloat16")),
-        "compile": (False, boolean),
+        "dtype": ("auto", auto_or(choice("float32", "float16", "bfloat16"))),
+        "channels_last": ("auto", auto_or(boolean)),
+        "compile": ("auto", auto_or(boolean)),
         "torch_threads": (None, optional(positive_int)),
         "log_every": (100, positive_int),               # images between progress log lines
     }),

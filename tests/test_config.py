@@ -35,9 +35,9 @@ def test_defaults_are_filled(raw):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("smoothing.n0=-3", "smoothing.n0: must be a positive integer, got -3"),
-    ("smoothing.n=1.5", "smoothing.n: must be a positive integer, got 1.5"),
-    ("smoothing.mode=greedy", "smoothing.mode: must be one of full, cascade, got 'greedy'"),
+    ("smoothing.n0=-3", "smoothing.n0: must be an integer in [1, 1000000000], got -3"),
+    ("smoothing.n=1.5", "smoothing.n: must be an integer in [1, 1000000000], got 1.5"),
+    ("smoothing.mode=greedy", "smoothing.mode: must be one of full, cascade, predict, got 'greedy'"),
     ("smoothing.sigmas=[0.5, -1]", "smoothing.sigmas: must be a non-empty list of positive numbers"),
     ("smoothing.sigmas=[0.5, 0.5]", "smoothing.sigmas: must not repeat a value"),
     ("smoothing.alpha=1", "smoothing.alpha: must be a number in (0, 1), got 1"),
@@ -45,7 +45,7 @@ def test_defaults_are_filled(raw):
     ("data.format=zip", "data.format: must be one of parquet, webdataset, got 'zip'"),
     ("data.selection.every=0", "data.selection.every: must be a positive integer, got 0"),
     ("data.selection.colour=red", "data.selection.colour: unknown key"),
-    ("compute.gpus_per_actor=-1", "compute.gpus_per_actor: must be a non-negative number, got -1"),
+    ("compute.gpus_per_actor=-1", "compute.gpus_per_actor: must be a finite number >= 0, got -1"),
     ("compute.compile=yes please", "compute.compile: must be true or false, got 'yes please'"),
     ("models.classifier.input_size=[3, 32]", "models.classifier.input_size: must be [3, H, W]"),
     ("models.denoiser.weights=x", "models.denoiser.weights: unknown key"),
@@ -149,3 +149,48 @@ def test_exponent_notation_is_a_number(raw):
     """YAML 1.1 reads 1e-3 as a string; configs and --set read it as the float a user means."""
     cfg = config_from_dict(raw, ["smoothing.alpha=1e-3", "smoothing.sigmas=[2.5e-1, 5e-1]"])
     assert cfg.smoothing["alpha"] == 0.001 and cfg.smoothing["sigmas"] == (0.25, 0.5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("smoothing.sigmas=[.inf]",
+     "smoothing.sigmas: must be a non-empty list of positive numbers, all finite, got [inf]"),
+    ("smoothing.sigmas=[0.25, .nan]", "smoothing.sigmas: must be a non-empty list of positive numbers, all finite"),
+    ("compute.cpus_per_actor=.nan", "compute.cpus_per_actor: must be a finite number >= 0, got nan"),
+    ("compute.gpus_per_actor=.inf", "compute.gpus_per_actor: must be a finite number >= 0, got inf"),
+    ("compute.cpus_per_task=-.inf", "compute.cpus_per_task: must be a finite number >= 0, got -inf"),
+    ("smoothing.alpha=.nan", "smoothing.alpha: must be a number in (0, 1), got nan"),
+    ("smoothing.p0=.nan", "smoothing.p0: must be a number in [0.5, 1), got nan"),
+    ("data.resolution=100000", "data.resolution: must be an integer in [1, 4096], got 100000"),
+    ("data.resolution=0", "data.resolution: must be an integer in [1, 4096], got 0"),
+    ("data.resolution=32.0", "data.resolution: must be an integer in [1, 4096], got 32.0"),
+    ("data.resize=5000", "data.resize: must be an integer in [1, 4096], got 5000"),
+    ("models.denoiser.input.size=8192", "models.denoiser.input.size: must be an integer in [1, 4096], got 8192"),
+    ("smoothing.n=10000000000000", "smoothing.n: must be an integer in [1, 1000000000], got 10000000000000"),
+    ("smoothing.n0=0", "smoothing.n0: must be an integer in [1, 1000000000], got 0"),
+])
+def test_non_finite_and_absurd_values_are_refused(raw, override, message):
+    """Issue 11, item 7: NaN and inf pass no number check; an absurd size names its bounds."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, [override])
+    assert str(err.value).startswith(message)
+
+
+def test_every_number_check_refuses_nan_and_inf():
+    """Each of the module's number checks, called directly: a new one that lets NaN through fails here."""
+    import pipeline.config as cfglib
+
+    checks = [cfglib.positive_int, cfglib.nonneg_int, cfglib.nonneg_number, cfglib.open_unit, cfglib.half_to_one,
+              cfglib.zero_to_one, cfglib.positive_number, cfglib.int_at_least(-1), cfglib.int_in(1, 10),
+              cfglib.image_side]
+    for check in checks:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ConfigError, match=r"^k: must be .*, got (nan|inf|-inf)$"):
+                check("k", bad)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"^k: must be a non-empty list of positive numbers, all finite"):
+            cfglib.sigmas("k", [0.5, bad])
+
+
+def test_the_largest_image_side_is_accepted(raw):
+    cfg = config_from_dict(raw, ["data.resolution=4096", "data.resize=4096"])
+    assert (cfg.data["resolution"], cfg.data["resize"]) == (4096, 4096)

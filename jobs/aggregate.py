@@ -1,6 +1,6 @@
-"""Aggregate a run's counts into certified-accuracy results, tables and a plot.
+"""Aggregate a run's counts and/or legacy logs into certified-accuracy results, tables and a plot.
 
-    python -m jobs.aggregate RESULTS_URI --out DIR [--sigmas S ...] [--cascade S,S,... ...]
+    python -m jobs.aggregate [RESULTS_URI] --out DIR [--sigmas S ...] [--cascade S,S,... ...]
         [--no-cascade] [--p0 P] [--alpha A] [--schedule bonferroni|paper] [--radii R ...]
         [--legacy NAME=PATH ...]
 
@@ -8,7 +8,9 @@ RESULTS_URI is a run directory ``{output}/{run_id}`` (counts/, errors/, manifest
 counts directory or a Parquet file, on any fsspec URI (local, file://, s3:// with the
 endpoint from AWS_ENDPOINT_URL). p0 / alpha / schedule default to the run manifest's
 ``smoothing`` section when there is one (so a cascade-mode run is re-traced with the
-settings it sampled with), else to 0.5 / 0.001 / bonferroni.
+settings it sampled with), else to 0.5 / 0.001 / bonferroni. Without RESULTS_URI the
+``--legacy`` logs are tabulated alone (published baselines by themselves; the counts options
+then do not apply).
 
 Writes results.parquet (per image), summary.csv, summary.md, summary.tex and
 certified_accuracy.png into DIR and prints the markdown table (analysis.report). Everything
@@ -28,7 +30,8 @@ from pipeline.errors import MsdsmoothError
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.aggregate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results_uri", help="run directory, counts directory or Parquet file (any fsspec URI)")
+    parser.add_argument("results_uri", nargs="?", help="run directory, counts directory or Parquet file (any fsspec "
+                        "URI); optional with --legacy")
     parser.add_argument("--out", required=True, help="output directory: local path or any fsspec URI (s3://...)")
     parser.add_argument("--sigmas", type=float, nargs="+", help="single sigmas to certify (default: all present)")
     parser.add_argument("--cascade", action="append", default=None, metavar="S,S,...",
@@ -37,10 +40,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--p0", type=float, help="cascade threshold (default: manifest, else 0.5)")
     parser.add_argument("--alpha", type=float, help="failure probability (default: manifest, else 0.001)")
     parser.add_argument("--schedule", choices=("bonferroni", "paper"), help="cascade alpha schedule")
-    parser.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII), help="radii of the table")
+    parser.add_argument("--radii", type=float, nargs="+",
+                        help=f"radii of the table (default: a sequential run's grid, else {' '.join(map(str, DEFAULT_RADII))})")
     parser.add_argument("--legacy", action="append", default=[], metavar="NAME=PATH",
-                        help="add a legacy per-image log (idx label predict radius correct time) as method NAME (no '=' in it); repeatable")
+                        help="add a legacy per-image log (Cohen et al.'s 'idx label predict radius correct time' or "
+                             "Jeong & Shin's 10-column format) as method NAME (no '=' in it); repeatable")
     args = parser.parse_args(argv)
+    if args.results_uri is None and not args.legacy:
+        parser.error("give RESULTS_URI (a counts run), --legacy NAME=PATH, or both")
     if args.cascade and args.no_cascade:
         parser.error("--cascade and --no-cascade exclude each other")
     try:

@@ -177,6 +177,7 @@ def test_reads_what_the_pipeline_writes(tmp_path, table):
     fired = full[full["method"] == "cascade(0.25,0.5,1.0)"].set_index("image_id")["fired_sigma"].fillna(0.0)
     below = table["sigma"].to_numpy() < fired.reindex(table["image_id"].to_pylist()).to_numpy()
     rows = table.filter(pa.array(~below))  # never-reached levels are not sampled
+    rows = rows.set_column(rows.schema.get_field_index("run_id"), "run_id", pa.array(["cascade-run"] * rows.num_rows))
     optional = {f.name: pa.nulls(rows.num_rows, f.type) for f in COUNTS_SCHEMA if f.name not in rows.column_names}
     rows = pa.table({**{n: rows[n] for n in rows.column_names}, **optional})
     for lo in range(0, rows.num_rows, 25):
@@ -192,9 +193,43 @@ def test_reads_what_the_pipeline_writes(tmp_path, table):
     np.testing.assert_array_equal(cascade["pred"], expected["pred"])
     np.testing.assert_allclose(cascade["radius"], expected["radius"])
     summary = pd.read_csv(out / "summary.csv").set_index("method")["n_images"]
-    assert summary["cascade(0.25,0.5,1.0)"] == 40 and summary["sigma=0.25"] < summary["sigma=1.0"] == 40
+    # the run's own cascade and its top level (which holds every image) by default
+    assert summary.to_dict() == {"sigma=1.0": 40, "cascade(0.25,0.5,1.0)": 40}
     markdown = (out / "summary.md").read_text()
     assert "alpha=0.01" in markdown and "error records, no counts): 1." in markdown
+    # the lower levels alone are still there when asked for (subsets of the images)
+    assert main([f"{tmp_path}/runs/cascade-run", "--out", str(tmp_path / "out2"), "--sigmas", "0.25", "1.0",
+                 "--no-cascade"]) == 0
+    singles = pd.read_csv(tmp_path / "out2" / "summary.csv").set_index("method")["n_images"]
+    assert singles["sigma=0.25"] < singles["sigma=1.0"] == 40
+
+
+def test_a_cascade_level_no_image_reached_is_fine(tmp_path):
+    """Every image fires at the top level: the run has no rows at the lower sigmas, and the run's
+    cascade (3 levels: its alpha split) is still the analysis; asking for it explicitly works too."""
+    from pipeline.certification import SparseCounts
+    from pipeline.counts_schema import REQUIRED_COLUMNS
+
+    labels = np.arange(12) % 10
+    unanimous = np.zeros((12, 10), dtype=np.int64)
+    unanimous[np.arange(12), labels] = 1
+    lists = {}
+    for prefix, total in (("counts0", 20), ("counts", 400)):
+        lists[f"{prefix}_classes"], lists[f"{prefix}_values"] = SparseCounts.from_dense(unanimous * total).to_arrow_lists()
+    table = pa.table({"run_id": ["r"] * 12, "image_id": [f"img{i}" for i in range(12)], "label": labels,
+                      "sigma": [1.0] * 12, "n0": [20] * 12, "n": [400] * 12, **lists, "num_classes": [10] * 12,
+                      "pred_clean": labels}).cast(pa.schema(REQUIRED_COLUMNS.items()))
+    write_run(tmp_path / "run", table, {"run_id": "r", "config": {"smoothing": {
+        "sigmas": [0.25, 0.5, 1.0], "mode": "cascade", "p0": 0.5, "alpha": 0.001, "schedule": "bonferroni"}}})
+    for extra in ([], ["--cascade", "0.25,0.5,1.0"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert main([str(tmp_path / "run"), "--out", str(out), *extra]) == 0
+        results = pd.read_parquet(out / "results.parquet")
+        cascade = results[results["method"] == "cascade(0.25,0.5,1.0)"]
+        assert len(cascade) == 12 and (cascade["fired_sigma"] == 1.0).all()
+        # three levels split alpha: the radius uses alpha/3 at sigma = 1.0, below sigma=1.0 alone at alpha
+        single = results[results["method"] == "sigma=1.0"].set_index("image_id")["radius"]
+        assert (cascade.set_index("image_id")["radius"] < single).all()
 
 
 def report_folder(out) -> dict[str, bytes]:
@@ -251,3 +286,68 @@ def test_writes_report_to_s3(s3_bucket, tmp_path, table):
     results = pd.read_parquet(io.BytesIO(fs.cat_file(f"{s3_bucket}/reports/r1/results.parquet")))
     expected = certify_table(table, cascades=[])
     np.testing.assert_allclose(results["radius"], expected["radius"])
+
+
+MULTISCALE_LOG = ("idx\tlabel\tpredict\tradius\tr_neg\tcorrect\tpred_uc\tcorr_uc\tstage\ttime\n"
+                  "0\t3\t3\t0.5\t0.1\t1\t3\t1\t0\t0:00:01\n1\t2\t-2\t0.0\t0.0\t0\t2\t1\t2\t0:00:01\n"
+                  "2\t5\t4\t0.2\t0.0\t0\t4\t0\t1\t0:00:01\n")
+
+
+def test_legacy_logs_alone(tmp_path, capsys):
+    """Published baselines tabulated by themselves: no counts run (issue 11, the aggregation a user expects)."""
+    (tmp_path / "cohen.tsv").write_text(LEGACY)
+    (tmp_path / "jeong.tsv").write_text(MULTISCALE_LOG)
+    out = tmp_path / "out"
+    assert main(["--legacy", f"Cohen={tmp_path / 'cohen.tsv'}", "--legacy", f"Jeong & Shin={tmp_path / 'jeong.tsv'}",
+                 "--out", str(out), "--radii", "0", "0.5"]) == 0
+    assert set(os.listdir(out)) == OUTPUTS
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["method"].tolist() == ["Cohen", "Jeong & Shin"] and summary["n_images"].tolist() == [2, 3]
+    assert summary["r=0"].tolist() == [0.5, 1 / 3] and summary["r=0.5"].tolist() == [0.5, 1 / 3]
+    results = pd.read_parquet(out / "results.parquet")
+    assert results["pred"].tolist() == [3, -1, 3, -1, 4]  # Jeong & Shin's stop (-2) is the abstain code
+    markdown = (out / "summary.md").read_text()
+    assert markdown.startswith(f"Settings: legacy logs: Cohen={tmp_path / 'cohen.tsv'}, Jeong & Shin=")
+    assert markdown.split("\n\n", 1)[1] == capsys.readouterr().out
+    assert "| Cohen | 2 | - | **50.0** | **50.0** |" in markdown
+    assert (out / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_legacy_logs_alone_from_the_command_line(tmp_path):
+    (tmp_path / "cohen.tsv").write_text(LEGACY)
+    argv = ["--legacy", f"Cohen={tmp_path / 'cohen.tsv'}", "--out", str(tmp_path / "o"), "--radii", "0", "1"]
+    proc = subprocess.run([sys.executable, "-m", "jobs.aggregate", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[2] == "| Cohen | 2 | - | **50.0** | 0.0 | **0.450** | 50.0 |"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give RESULTS_URI (a counts run), --legacy NAME=PATH, or both"),
+])
+def test_nothing_to_aggregate_is_a_usage_error(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, named", [(["--sigmas", "0.5"], "sigmas"), (["--no-cascade"], "cascades"),
+                                          (["--p0", "0.6"], "p0"), (["--schedule", "paper"], "schedule")])
+def test_counts_options_without_a_run_are_refused(tmp_path, capsys, flags, named):
+    (tmp_path / "cohen.tsv").write_text(LEGACY)
+    assert main(["--legacy", f"Cohen={tmp_path / 'cohen.tsv'}", "--out", str(tmp_path / "out"), *flags]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {named}: apply to a counts run")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_directory_without_counts_says_so(tmp_path, capsys):
+    """A run whose every image failed (errors/ and a manifest, no counts/): not its error records read as counts."""
+    from pipeline.run_dir import RunDirectory
+
+    store = RunDirectory(f"file://{tmp_path}/runs", "r")
+    store.write_manifest({"run_id": "r", "config": {}})
+    store.write_error("a.jpg", "shard-0.tar", "cannot decode")
+    assert main([f"{tmp_path}/runs/r", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}/runs/r: ") and "no counts" in err and "'label'" not in err
+    assert not (tmp_path / "out").exists()

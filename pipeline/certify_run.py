@@ -3,9 +3,14 @@ Carlo counts (actor pool, which writes the counts files) -> a summary.
 
 Guarantees:
 * Storage problems (unreachable endpoint, missing bucket or object, missing credentials) fail
-  before any model is loaded, with a message naming the config key and the cause.
+  before any model is loaded, with a message naming the config key and the cause; so do
+  unreadable shards and image_ids found in more than one record (every shard's ids are listed
+  first: Parquet footers and id columns, tar headers), before anything is written.
+* A model that cannot load fails with one line (:class:`pipeline.provenance.ModelLoadError`)
+  before any data flows: a probe task with the actor's resources loads both models first.
 * Re-running a run_id skips the (image_id, sigma) rows already written (and images already
-  recorded as errors); a run_id can only be resumed with the same data/models/smoothing config.
+  recorded as errors); a run_id can only be resumed with the same data/models/smoothing config
+  and the same weights behind the model URIs (:mod:`pipeline.provenance`).
 * When :func:`run_certification` returns, every selected (image, sigma) row is in exactly one
   counts file.
 * It uses the Ray of :func:`pipeline.ray_runtime.ray_session`: the one already initialised in this
@@ -16,16 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import StorageError
 from pipeline.progress import Progress
-from pipeline.provenance import check_model_uris, open_run, record_checksums
+from pipeline.provenance import (ModelLoadError, check_model_uris, open_run, record_checksums,
+                                 record_device_settings, recorded_device_settings)
 from pipeline.ray_runtime import ray_session
 from pipeline.resume import RemainingWork, decode_remaining
 from pipeline.run_dir import RunDirectory
-from pipeline.shards import list_shards, needs_scan, read_shards, scan_image_ids, select_ids
+from pipeline.shards import list_shards, read_shards, scan_image_ids, select_ids
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +39,40 @@ def run_certification(cfg: Config) -> dict:
     """Run (or resume) the certification described by ``cfg``; returns :func:`finish`'s summary."""
     import ray
 
-    from pipeline.certify_actor import CertifyActor  # imports torch: only when certifying
+    from pipeline.certify_actor import CertifyActor, probe_models  # imports torch: only when certifying
 
     d, s, c = cfg.data, cfg.smoothing, cfg.compute
     fs, shards = list_shards(d["uri"], d["format"])
     if d["expected_shards"] is not None and len(shards) != d["expected_shards"]:
         raise StorageError(f"data.expected_shards: found {len(shards)} shards at {d['uri']}")
-    check_model_uris(cfg)
-    store = open_run(cfg)
-    work, total = _remaining_work(cfg, fs, shards, store)
-    log.info("run %s: %d shards, %s images to do, output %s", cfg.output["run_id"], len(shards),
-             "?" if total is None else total, store.uri())
+    weights = check_model_uris(cfg)
+    all_ids = scan_image_ids(fs, shards, d["format"], d["columns"]["image_id"])  # ShardError: duplicates, corrupt
+    store = open_run(cfg, weights)
+    selected = select_ids(all_ids, d["selection"])
+    work = RemainingWork(s["sigmas"], s["mode"] == "cascade", selected, store.done_keys(), store.error_ids())
+    total = work.images(selected if selected is not None else all_ids)
+    log.info("run %s: %d shards, %d images to do, output %s", cfg.output["run_id"], len(shards), total, store.uri())
     progress, checksums = Progress(total, c["log_every"]), set()
     if total == 0:
         log.info("nothing to do: every selected (image, sigma) row is already written")
         return finish(store, progress, checksums)
 
     with ray_session():  # the running Ray, the cluster of `ray job submit`, or an embedded local one
+        probe = ray.remote(probe_models).options(num_cpus=c["cpus_per_actor"], num_gpus=c["gpus_per_actor"])
+        failure, settings = ray.get(probe.remote(cfg.to_dict(), recorded_device_settings(store, c)))
+        if failure is not None:
+            raise ModelLoadError(f"{failure} (checked before the run: nothing was certified)")
+        record_device_settings(store, settings)
         ray.data.DataContext.get_current().max_errored_blocks = 0
         ds = read_shards(fs, shards, d["format"], d["columns"])
-        ds = ds.map_batches(decode_remaining, batch_size=max(c["images_per_call"], 16), batch_format="numpy",
+        # one block per actor call, whatever the shard sizes: work spreads over every actor, and a
+        # failed call redoes only its own images
+        ds = ds.repartition(target_num_rows_per_block=c["images_per_call"])
+        ds = ds.map_batches(decode_remaining, batch_size=c["images_per_call"], batch_format="numpy",
                             num_cpus=c["cpus_per_task"],
                             fn_kwargs=dict(work_ref=[ray.put(work)], store=store, fmt=d["format"],
                                            columns=d["columns"], data_cfg=d, sigmas=s["sigmas"]))
-        ds = ds.map_batches(CertifyActor, fn_constructor_kwargs={"config": cfg.to_dict()},
+        ds = ds.map_batches(CertifyActor, fn_constructor_kwargs={"config": cfg.to_dict(), "device_settings": settings},
                             batch_size=c["images_per_call"], batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=c["actors"]),
                             num_gpus=c["gpus_per_actor"], num_cpus=c["cpus_per_actor"])
@@ -67,22 +82,11 @@ def run_certification(cfg: Config) -> dict:
     return finish(store, progress, checksums)
 
 
-def _remaining_work(cfg: Config, fs: Any, shards: list[str], store: RunDirectory) -> tuple[RemainingWork, int | None]:
-    """The run's remaining work and its number of images (None: unknown without scanning tar shards)."""
-    d, s = cfg.data, cfg.smoothing
-    # Parquet ids are cheap to list (one column); tar shards are scanned only when the selection needs it.
-    scan = d["format"] == "parquet" or needs_scan(d["selection"])
-    all_ids = scan_image_ids(fs, shards, d["format"], d["columns"]["image_id"]) if scan else None
-    selected = select_ids(all_ids, d["selection"])
-    work = RemainingWork(s["sigmas"], s["mode"] == "cascade", selected, store.done_keys(), store.error_ids())
-    listed = selected if selected is not None else all_ids
-    return work, work.images(listed) if listed is not None else None
-
-
 def finish(store: RunDirectory, progress: Progress, checksums: set[str]) -> dict:
-    """Record checksums, leave every row in exactly one file, summarise."""
+    """Record checksums, leave every row in exactly one file, remove stale temporaries, summarise."""
     record_checksums(store, checksums)
     merged = store.compact_duplicates()
+    store.remove_stale_temporaries()
     summary = {"run": store.uri(), "images": progress.done, "rows": progress.rows,
                "rows_total": len(store.done_keys()), "errors": len(store.error_ids()),
                "merged_files": merged, "seconds": round(progress.seconds(), 3)}

@@ -30,6 +30,7 @@ OPTIONAL_FIELDS: tuple[pa.Field, ...] = (
     pa.field("classifier_id", pa.string()),
     pa.field("worker", pa.string()),
     pa.field("seconds", pa.float64()),
+    pa.field("look", pa.int64()),  # sequential sampling: the look it stopped at (n = plan.looks[look]); null if fixed
 )
 
 REQUIRED_COLUMNS: dict[str, pa.DataType] = {f.name: f.type for f in REQUIRED_FIELDS}

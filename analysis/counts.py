@@ -185,13 +185,31 @@ def validate_counts(table: pa.Table) -> CountsTable:
 def read_counts(run: RunFiles) -> pa.Table:
     """The raw counts table of ``run`` (required columns only; values not yet validated).
 
-    Every file must have every required column with its type: CountsError naming the column,
-    the file and an example row otherwise.
+    Every file must have every required column with its type, and every row one run_id, the
+    manifest's when the run has one: CountsError naming the column, the file and an example row
+    (or both run_ids and their files) otherwise.
     """
     tables = read_tables(run.fs, run.counts, list(REQUIRED_COLUMNS))
     for file, table in zip(run.counts, tables):
         _check_columns(table, f" in {file}")
+    _check_one_run(run, tables)
     return pa.concat_tables(tables)
+
+
+def _check_one_run(run: RunFiles, tables: list[pa.Table]) -> None:
+    """All rows carry one run_id, the manifest's when there is a manifest."""
+    first: tuple[str, str] | None = None  # (run_id, file)
+    for file, table in zip(run.counts, tables):
+        for run_id in pc.unique(table["run_id"]).to_pylist():
+            if first is None:
+                first = (run_id, file)
+            elif run_id != first[0]:
+                raise CountsError(f"column 'run_id': {first[0]!r} in {first[1]} and {run_id!r} in {file}: the counts "
+                                  "of two runs; aggregate one run at a time (move the other run's files out)")
+    expected = run.read_manifest().get("run_id")
+    if first is not None and expected is not None and first[0] != expected:
+        raise CountsError(f"column 'run_id': {first[0]!r} in {first[1]} but {expected!r} in the manifest "
+                          f"{run.manifest}: these counts belong to another run")
 
 
 def load_counts(uri: str) -> pa.Table:

@@ -23,7 +23,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.run_dir import RunDirectory
+from pipeline.run_dir import RunDirectory, unreadable_file
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,16 @@ def _require(counts: list[str], uri: str) -> tuple[str, ...]:
 
 
 def read_tables(fs: fsspec.AbstractFileSystem, files: Sequence[str], columns: Sequence[str]) -> list[pa.Table]:
-    """Each file's table, with those of ``columns`` that the file has (files read concurrently)."""
+    """Each file's table, with those of ``columns`` that the file has (files read concurrently).
+
+    A file that is not readable Parquet (truncated, corrupt) raises RunDirectoryError naming it."""
 
     def read(path: str) -> pa.Table:
-        with pq.ParquetFile(path, filesystem=fs) as parquet:
-            return parquet.read(columns=[c for c in columns if c in parquet.schema_arrow.names])
+        try:
+            with pq.ParquetFile(path, filesystem=fs) as parquet:
+                return parquet.read(columns=[c for c in columns if c in parquet.schema_arrow.names])
+        except pa.ArrowInvalid as exc:
+            raise unreadable_file(fs.unstrip_protocol(path), exc) from exc
 
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(files)))) as pool:
         return list(pool.map(read, files))

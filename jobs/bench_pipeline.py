@@ -49,6 +49,7 @@ def small_config(overrides: list[str]):
 
 def in_process(cfg, images_dir: Path) -> float:
     """Seconds for models + decode + sampling of every image, in this process."""
+    from pipeline.device_settings import resolve_device_settings
     from pipeline.images import resize_image, to_float_chw
     from pipeline.models.factory import create_denoise_classify
     from pipeline.sampling import MonteCarloSampler
@@ -56,7 +57,8 @@ def in_process(cfg, images_dir: Path) -> float:
     start = time.perf_counter()
     d, s, c = cfg.data, cfg.smoothing, cfg.compute
     model = create_denoise_classify(cfg.models["denoiser"], cfg.models["classifier"], resolution=cfg.data["resolution"])
-    sampler = MonteCarloSampler(model, c["batch_size"], c["dtype"], "cpu")
+    settings = resolve_device_settings(c, "cpu", model, (3, d["resolution"], d["resolution"]))  # as the actor does
+    sampler = MonteCarloSampler.from_settings(model, settings, "cpu")
     files = sorted(images_dir.rglob("*.jpg"))
     x = np.stack([resize_image(f.read_bytes(), d["resolution"], d["resize"], d["crop"], d["interpolation"]) for f in files])
     sampler.sample(to_float_chw(x), [f.stem for f in files],

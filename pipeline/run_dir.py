@@ -12,8 +12,16 @@ Guarantees:
   in-progress writes and never read. Anything else there that is not a data file (``part-*.parquet``
   in counts/, ``err-*.parquet`` in errors/, directly in the folder) raises
   :class:`RunDirectoryError` naming it: a stray file is reported, never silently read or skipped.
-* A file's name is a hash of the (image_id, sigma) keys it holds. Noise is reproducible, so a
+* A file's name is a hash of the (image_id, sigma) keys it holds (of their JSON encoding, so ids
+  holding any character never make two key sets share a name). Noise is reproducible, so a
   retried task rewrites identical content under the same name: retries never duplicate rows.
+  Resume reads keys from the files' contents, never from their names.
+* A counts or error file that cannot be read (truncated, not Parquet) raises
+  :class:`RunDirectoryError` naming it and what to do (delete it; its rows are recomputed).
+* :meth:`RunDirectory.remove_stale_temporaries` removes ``.tmp-*`` leftovers of crashed writers
+  older than ``STALE_TEMPORARY_S``. A writer renames its temporary file within seconds of
+  creating it, so an hour-old one cannot belong to a live writer, even one of another driver
+  sharing the run_id.
 * :meth:`RunDirectory.done_keys` lists the rows already written, for resume;
   :meth:`RunDirectory.compact_duplicates` leaves every key in exactly one file.
 """
@@ -23,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import time
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -32,10 +41,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.counts_schema import COUNTS_SCHEMA, ERRORS_SCHEMA
-from pipeline.errors import MsdsmoothError
+from pipeline.errors import MsdsmoothError, describe
 from pipeline.storage import is_local, url_to_fs
 
 Key = tuple[str, float]
+TEMPORARY_PREFIX = ".tmp-"
+STALE_TEMPORARY_S = 3600.0
 
 
 class RunDirectoryError(MsdsmoothError, ValueError):
@@ -43,9 +54,21 @@ class RunDirectoryError(MsdsmoothError, ValueError):
 
 
 def keys_digest(keys: Iterable[Key]) -> str:
-    """Order-independent content name for a set of (image_id, sigma) keys."""
-    text = "\n".join(f"{image_id}\t{sigma!r}" for image_id, sigma in sorted(keys))
+    """Order-independent content name for a set of (image_id, sigma) keys: the sha256 of the JSON
+    list of sorted [image_id, sigma] pairs (an unambiguous encoding, whatever the ids hold)."""
+    text = json.dumps([[image_id, float(sigma)] for image_id, sigma in sorted(keys)], ensure_ascii=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def unreadable_file(uri: str, exc: BaseException) -> RunDirectoryError:
+    """The error for a run's data file that cannot be read, naming it and what to do."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    if name.startswith("err-"):
+        what, redo = "error record", "its images will be decoded again"
+    else:
+        what, redo = "counts file", "its rows will be recomputed"
+    return RunDirectoryError(f"{what} {uri} is unreadable (truncated or not Parquet: {describe(exc)}): "
+                             f"delete it and re-run; {redo}")
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -81,7 +104,7 @@ class RunDirectory:
         directory = path.rsplit("/", 1)[0]
         if is_local(self.fs):
             os.makedirs(directory, exist_ok=True)
-            tmp = f"{directory}/.tmp-{uuid.uuid4().hex}"
+            tmp = f"{directory}/{TEMPORARY_PREFIX}{uuid.uuid4().hex}"
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -127,9 +150,32 @@ class RunDirectory:
     def _read_columns(self, paths: list[str], columns: list[str]) -> list[pa.Table]:
         def read(path: str) -> pa.Table:
             with self.fs.open(path, "rb") as f:
-                return pq.read_table(f, columns=columns)
+                try:
+                    return pq.read_table(f, columns=columns)
+                except pa.ArrowInvalid as exc:  # the file's bytes, not the storage: name it
+                    raise unreadable_file(self.uri(path), exc) from exc
         with ThreadPoolExecutor(max_workers=16) as pool:
             return list(pool.map(read, paths))
+
+    def remove_stale_temporaries(self, older_than_s: float = STALE_TEMPORARY_S) -> int:
+        """Remove ``.tmp-*`` files older than ``older_than_s`` in the run, counts/ and errors/
+        (see module doc for why that is safe); returns how many were removed."""
+        removed, now = 0, time.time()
+        for directory in (self.root, self.counts_dir, self.errors_dir):
+            self.fs.invalidate_cache(directory)
+            if not self.fs.exists(directory):
+                continue
+            for path in self.fs.ls(directory, detail=False):
+                path = path.rstrip("/")
+                if not path.rsplit("/", 1)[-1].startswith(TEMPORARY_PREFIX):
+                    continue
+                try:
+                    if now - self.fs.modified(path).timestamp() > older_than_s:
+                        self.fs.rm(path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass  # renamed or removed meanwhile
+        return removed
 
     def counts_files(self) -> list[str]:
         """Every finished counts file (paths on :attr:`fs`), sorted."""

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.rng import PHASE_ESTIMATION, PHASE_SELECTION, gaussian_noise, noise_keys
+
+if TYPE_CHECKING:
+    from pipeline.device_settings import DeviceSettings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,15 +65,20 @@ class MonteCarloSampler:
     units, sigma one value per sample), ``classify_clean(x) -> logits``, ``num_classes`` and
     ``denoiser.timesteps(sigma)``. ``dtype`` selects autocast ("bfloat16", "float16") or plain
     float32. The same code runs on CPU and CUDA. ``model`` itself is moved (in place) to the
-    device and memory format and put in eval mode.
+    device and memory format and put in eval mode. The certification actor builds it with
+    :meth:`from_settings` from :func:`pipeline.device_settings.resolve_device_settings`'s choice;
+    every setting here is a resolved value (``auto`` is refused).
     """
 
     def __init__(self, model: torch.nn.Module, batch_size: int, dtype: str = "float32",
                  device: str | None = None, compile: bool = False, channels_last: bool = True):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if not isinstance(compile, bool) or not isinstance(channels_last, bool):
+            raise ValueError(f"compile and channels_last must be true or false (resolve 'auto' with "
+                             f"pipeline.device_settings first), got {compile!r}, {channels_last!r}")
         self.device = torch.device(device) if device is not None else default_device()
         self.batch_size = int(batch_size)
         self.dtype = DTYPES[dtype]
@@ -78,6 +86,12 @@ class MonteCarloSampler:
         self.model = model.eval().to(self.device, memory_format=self.memory_format)
         self.num_classes = int(model.num_classes)
         self._logits = torch.compile(self.model) if compile else self.model
+
+    @classmethod
+    def from_settings(cls, model: torch.nn.Module, settings: "DeviceSettings",
+                      device: str | None = None) -> "MonteCarloSampler":
+        """A sampler running with ``settings`` (pipeline.device_settings) on ``device``."""
+        return cls(model, settings.batch_size, settings.dtype, device, settings.compile, settings.channels_last)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:

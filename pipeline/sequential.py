@@ -205,7 +205,8 @@ class SequentialPlan:
     (>= 0) of radii that can be reported. ``futility``: level of the futility upper bound (it only
     decides when to stop, never what is certified; 0 disables it). ``mode``: ``full`` (each
     sigma certified alone, CERTIFY) or ``cascade`` (stages by ``sigmas`` descending, threshold
-    ``p0``, the ``bonferroni`` schedule's budgets).
+    ``p0``, the ``bonferroni`` schedule's budgets) or ``predict`` (each sigma's PREDICT; the
+    radius grid is not used).
     """
 
     n_max: int
@@ -287,7 +288,7 @@ class SequentialPlan:
 
         Covered: alpha >= the plan's (the certificates, computed at the plan's alpha, hold with
         the stronger probability); radii a subset of the grid (decided, see the module doc); in
-        ``full`` mode any subset of the sigmas (each sigma stands alone). Not covered: a smaller
+        ``full`` and ``predict`` mode any subset of the sigmas (each sigma stands alone). Not covered: a smaller
         alpha or a radius off the grid (sampling stopped before those were decided), another
         mode, and in ``cascade`` mode another p0 or sigma set (the walk through the stages, and
         so which stages were sampled, depends on both).
@@ -309,7 +310,7 @@ class SequentialPlan:
             if sigmas is not None and sorted(sigmas) != sorted(self.sigmas):
                 reasons.append(f"sigmas {sorted(sigmas)} differ from the cascade plan's {sorted(self.sigmas)}; "
                                "the stages sampled depend on them")
-        if self.mode == "full" and sigmas is not None:
+        if self.mode != "cascade" and sigmas is not None:
             extra = sorted(set(sigmas) - set(self.sigmas))
             if extra:
                 reasons.append(f"sigmas {extra} are not in the plan's {sorted(self.sigmas)}")
@@ -346,6 +347,17 @@ class SequentialPlan:
         if sigma not in self.sigmas:
             raise SequentialError(f"sigma {sigma} is not in the sequential plan's {list(self.sigmas)}")
 
+    def look_of(self, n) -> np.ndarray:
+        """The look index of each estimation sample count ``n`` (a row's n is the look where it
+        stopped); :class:`SequentialError` naming the first row whose n is no look of the plan."""
+        n = np.asarray(n, dtype=np.int64)
+        look = np.minimum(np.searchsorted(self._look_array, n), len(self.looks) - 1)
+        bad = np.flatnonzero(self._look_array[look] != n)
+        if bad.size:
+            raise SequentialError(f"row {int(bad[0])}: n = {int(n.flat[bad[0]])} is not one of the sequential plan's "
+                                  f"looks {list(self.looks)}: these counts do not come from this plan")
+        return look
+
     def _check_looks(self, n, look) -> tuple[np.ndarray, np.ndarray]:
         n, look = np.broadcast_arrays(np.asarray(n, np.int64), np.asarray(look, np.int64))
         if np.any((look < 0) | (look >= len(self.looks))):
@@ -377,6 +389,27 @@ class SequentialPlan:
         """Grid radius of each bin; 0.0 for an abstention (bin -1)."""
         bins = np.asarray(bins)
         return np.where(bins >= 0, np.asarray(self.radii)[np.maximum(bins, 0)], 0.0)
+
+    # -- prediction
+
+    def decide_predict(self, k_top, k_second, look) -> tuple[np.ndarray, np.ndarray]:
+        """Sequential PREDICT, vectorised over pairs: (stop bool, predicts bool) for the top two
+        classes' counts k_top >= k_second after ``looks[look]`` estimation samples. ``predicts``:
+        the top class is predicted at this look (p-value <= alpha w_look); a pair that stops
+        without it abstains. Stops when it predicts, when no later look could predict even if
+        every remaining sample went to one of the two classes, or at the last look."""
+        if self.mode != "predict":
+            raise SequentialError("decide_predict is the predict-mode rule; this plan's mode is " + repr(self.mode))
+        k_top, k_second, look = np.broadcast_arrays(np.asarray(k_top, np.int64), np.asarray(k_second, np.int64),
+                                                    np.asarray(look, np.int64))
+        levels = self.alpha * np.asarray(self.spend)
+        predicts = predict_pvalue(k_top, k_second) <= levels[look]
+        later = look[..., None] < np.arange(len(self.looks))  # [..., J]
+        extra = np.maximum(self._look_array - self._look_array[look][..., None], 0)
+        best = np.minimum(predict_pvalue(k_top[..., None] + extra, k_second[..., None]),
+                          predict_pvalue(k_top[..., None], k_second[..., None] + extra))
+        reachable = (later & (best <= levels)).any(axis=-1)
+        return predicts | ~reachable, predicts
 
     # -- cascade stages
 
@@ -574,3 +607,135 @@ def certify_cascade_sequential_sparse(
         pred[rows] = np.where(stage_bins[at] >= 0, chosen[at], ABSTAIN)
         fired_sigma[rows] = sigmas[s]
     return pred, plan.radius_of(bins), fired_sigma
+
+
+def sequential_stage_outcome(plan: SequentialPlan, stage: int, counts0: SparseCounts, counts: SparseCounts) -> np.ndarray:
+    """Cascade stage ``stage``'s outcome (FIRE, UNDECIDED or FALL_THROUGH; UNDECIDED without a
+    selected class) for rows that stopped sampling, at the look their n names: what decides
+    whether the walk goes on to the next stage (the radius cap does not change the outcome)."""
+    chosen = counts0.top_class()
+    k_top = counts.count_of(counts.top_class())
+    outcome = plan.decide_stage(stage, counts.count_of(chosen), k_top, plan.look_of(counts.totals()))[1]
+    return np.where(chosen >= 0, outcome, UNDECIDED).astype(np.int8)
+
+
+class PairStopRule:
+    """The ``stop`` callback of ``MonteCarloSampler.sample_sequential`` under ``plan``, for the
+    P pairs of one call, pair p at sigma ``pair_sigma[p]`` (the sampler's order: image-major,
+    then its sigmas); the plan's rule per mode (full: :meth:`SequentialPlan.decide`; predict:
+    :meth:`SequentialPlan.decide_predict`; cascade: :meth:`SequentialPlan.decide_stage` of the
+    one stage every pair is at).
+
+    ``earlier`` (cascade only): for each higher stage, (estimation counts [P, C], look index
+    [P]) of the same pairs, where that stage fell through; they cap the radius. The sampler
+    passes the counts of the pairs still sampling, in order, and drops those the rule stops;
+    the rule follows which pairs those are, so it is valid for one call only. Selection
+    follows :meth:`SparseCounts.top_class` (argmax, ties to the smallest class)."""
+
+    def __init__(self, plan: SequentialPlan, pair_sigma, earlier: Sequence[tuple[np.ndarray, np.ndarray]] = ()):
+        self.plan, self.pair_sigma = plan, np.asarray(pair_sigma, dtype=float)
+        self.earlier = [(np.asarray(c, np.int64), np.asarray(look, np.int64)) for c, look in earlier]
+        self.active = np.arange(self.pair_sigma.size)
+        self.stage = None
+        if plan.mode == "cascade":
+            sigmas = np.unique(self.pair_sigma)
+            if sigmas.size != 1 or float(sigmas[0]) not in plan.stage_sigmas():
+                raise SequentialError(f"a cascade stop rule is for pairs at one of the plan's sigmas, got {sigmas.tolist()}")
+            self.stage = plan.stage_sigmas().index(float(sigmas[0]))
+            if len(self.earlier) != self.stage:
+                raise SequentialError(f"stage {self.stage} needs the {self.stage} higher stages' counts, got {len(self.earlier)}")
+        elif self.earlier:
+            raise SequentialError("earlier stages' counts are for a cascade plan only")
+
+    def __call__(self, look: int, counts0: np.ndarray, counts: np.ndarray, n: np.ndarray) -> np.ndarray:
+        active, plan = self.active, self.plan
+        if counts.shape[0] != active.size or np.any(np.asarray(n) != plan.looks[look]):
+            raise SequentialError(f"look {look}: got {counts.shape[0]} pairs with n = {np.unique(n).tolist()}, expected "
+                                  f"{active.size} at {plan.looks[look]}: the sampler and the stop rule disagree")
+        rows = np.arange(active.size)
+        counts = np.asarray(counts, np.int64)
+        if plan.mode == "predict":
+            top = counts.argmax(axis=1)
+            stop = plan.decide_predict(counts[rows, top], _max_excluding(counts, top), look)[0]
+        elif plan.mode == "full":
+            chosen = np.asarray(counts0).argmax(axis=1)
+            stop = np.empty(active.size, dtype=bool)
+            for sigma in np.unique(self.pair_sigma[active]):
+                at = self.pair_sigma[active] == sigma
+                stop[at] = plan.decide(float(sigma), counts[rows[at], chosen[at]], look)[0]
+        else:
+            chosen = np.asarray(counts0).argmax(axis=1)
+            cap = np.full(active.size, np.inf)
+            for i, (stored, stored_look) in enumerate(self.earlier):
+                cap = np.minimum(cap, plan.stage_cap(i, _max_excluding(stored[active], chosen), stored_look[active]))
+            stop = plan.decide_stage(self.stage, counts[rows, chosen], counts.max(axis=1), look, plan.cap_bin(cap))[0]
+        self.active = active[~stop]
+        return stop
+
+
+def _max_excluding(counts: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """Largest count per row of dense ``counts`` [P, C] among the classes other than ``cls[p]`` (0 if none)."""
+    others = counts.copy()
+    others[np.arange(counts.shape[0]), cls] = 0
+    return others.max(axis=1)
+
+
+# ----------------------------------------------------------------------------- prediction (PREDICT)
+
+
+def predict_pvalue(k_top, k_second) -> np.ndarray:
+    """Two-sided binomial test p-value of ``k_top`` successes in ``k_top + k_second`` trials at
+    p = 1/2 (``scipy.stats.binomtest``'s, by symmetry 2 P(X >= max) capped at 1; 1 for a tie)."""
+    k_top, k_second = np.broadcast_arrays(np.asarray(k_top, np.int64), np.asarray(k_second, np.int64))
+    high = np.maximum(k_top, k_second)
+    return np.where(k_top == k_second, 1.0, np.minimum(1.0, 2 * stats.binom.sf(high - 1, k_top + k_second, 0.5)))
+
+
+def _top_two(counts: SparseCounts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    top = counts.top_class()
+    return top, counts.count_of(top), counts.max_count_excluding(top)
+
+
+def predict_sparse(counts: SparseCounts, alpha: float) -> np.ndarray:
+    """Cohen et al.'s PREDICT per row from its estimation counts: the top class when the
+    two-sided binomial test of the top two counts has p-value <= ``alpha``, else -1 (abstain).
+    With probability >= 1 - alpha a prediction is the smoothed classifier's class."""
+    top, k_top, k_second = _top_two(counts)
+    return np.where((top >= 0) & (predict_pvalue(k_top, k_second) <= alpha), top, ABSTAIN)
+
+
+def predict_sequential_sparse(plan: SequentialPlan, counts: SparseCounts, look) -> np.ndarray:
+    """Sequential PREDICT per row from (estimation counts, look stopped at): the class, or -1.
+    Raises :class:`SequentialError` when a row's n is not its look's sample count or the plan
+    would not have stopped it there. Guarantee: see the module docstring."""
+    _, look = plan._check_looks(counts.totals(), look)
+    top, k_top, k_second = _top_two(counts)
+    stop, predicts = plan.decide_predict(k_top, k_second, look)
+    _refuse_unstopped(stop)
+    return np.where((top >= 0) & predicts, top, ABSTAIN)
+
+
+# ----------------------------------------------------------------------------- the plan of a run's config
+
+
+def default_radii(n_max: int, alpha: float, sigmas: Sequence[float], step: float = RADIUS_STEP) -> tuple[float, ...]:
+    """The default radius grid: multiples of ``step`` from 0 up to the largest radius any pair
+    can reach at ``n_max``, max(sigmas) Phi^-1 of the Clopper-Pearson lower bound of n_max
+    agreeing samples out of n_max at level alpha (alpha^(1 / n_max))."""
+    reach = max(sigmas) * special.ndtri(alpha ** (1.0 / n_max))
+    return tuple(step * i for i in range(int(np.floor(max(reach, 0.0) / step + 1e-9)) + 1))
+
+
+def sequential_plan(smoothing: Mapping[str, Any]) -> SequentialPlan | None:
+    """The sequential plan of a validated ``smoothing`` config section; None for fixed sampling.
+
+    ``n`` is n_max; ``radii`` null means :func:`default_radii`; looks, spend and futility come from
+    ``smoothing.sequential`` (:meth:`SequentialPlan.geometric`); mode, alpha and p0 as configured."""
+    if smoothing["sampling"] != "sequential":
+        return None
+    n_max, alpha, sigmas = smoothing["n"], smoothing["alpha"], tuple(smoothing["sigmas"])
+    radii = smoothing["radii"] if smoothing["radii"] is not None else default_radii(n_max, alpha, sigmas)
+    looks = smoothing["sequential"]
+    return SequentialPlan.geometric(n_max, alpha, radii, sigmas, first=looks["first_look"], ratio=looks["look_ratio"],
+                                    final_share=looks["final_share"], futility=looks["futility"],
+                                    mode=smoothing["mode"], p0=smoothing["p0"])

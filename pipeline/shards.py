@@ -5,24 +5,40 @@ Guarantees:
   fails with :class:`StorageError` (naming the URI and the cause) when storage is unreachable,
   credentials are missing or nothing matches. :func:`read_shards` hands Ray that explicit list
   with missing paths an error, and checks the number of files Ray reports where it reports it.
+* :func:`scan_image_ids` reads every shard's ids (Parquet: the footer and the id column; tar: the
+  member headers only, seeking past the data) and raises :class:`ShardError` naming ``data.uri``
+  and the shard when a shard is unreadable or truncated, or naming examples of ids that are in more
+  than one record (with the shards holding them): duplicates would make two rows per key that no
+  resume could repair, so they are refused before any model work.
 * :func:`decode_batch` turns image bytes into uint8 [H, W, 3] arrays at the certification
-  resolution; an image that cannot be decoded becomes one error record (written at once,
-  idempotently) and is dropped from the batch, so the run goes on.
+  resolution. A missing value of any kind (None, NaN: what Ray puts in a WebDataset column that a
+  sample lacks) is missing: the image is the sample's own image key, whatever its extension; a
+  missing or empty label is -1. Only the record's own fault (no image, bytes PIL cannot decode, a
+  label that is not an integer) becomes one error record (written at once, idempotently) and is
+  dropped from the batch; any other exception (a bug, a failing worker) propagates, so Ray retries
+  the task or the run fails loudly, never a permanent error record.
 """
 from __future__ import annotations
 
+import math
 import tarfile
+from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.errors import StorageError, describe
+from pipeline.errors import MsdsmoothError, StorageError, describe
 from pipeline.images import resize_image
 from pipeline.storage import url_to_fs
 
 SHARD_SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+DUPLICATES_SHOWN = 5
+
+
+class ShardError(MsdsmoothError, ValueError):
+    """The shards break what a dataset must be (readable files, unique image_ids); names data.uri and the shard."""
 
 
 def list_shards(uri: str, fmt: str) -> tuple[Any, list[str]]:
@@ -47,24 +63,52 @@ def list_shards(uri: str, fmt: str) -> tuple[Any, list[str]]:
 
 
 def scan_image_ids(fs: Any, shards: list[str], fmt: str, id_column: str = "image_id") -> list[str]:
-    """Every image_id in dataset order (shard order, then row order); reads ids only."""
+    """Every image_id in dataset order (shard order, then row order); reads ids only.
+
+    ShardError naming the shard for an unreadable one, and examples of duplicate ids (see module doc).
+    """
     ids: list[str] = []
+    holders: dict[str, list[str]] = defaultdict(list)  # image_id -> shards holding it (one entry per record)
     for shard in shards:
-        with fs.open(shard, "rb") as f:
-            if fmt == "parquet":
-                ids.extend(pq.read_table(f, columns=[id_column]).column(id_column).to_pylist())
-            else:
-                ids.extend(_tar_keys(f))
+        try:
+            with fs.open(shard, "rb") as f:
+                found = (pq.read_table(f, columns=[id_column]).column(id_column).to_pylist() if fmt == "parquet"
+                         else _tar_keys(f, fs.size(shard)))
+        except Exception as exc:  # noqa: BLE001 - storage or format: named with the shard either way
+            raise ShardError(f"data.uri: shard {fs.unstrip_protocol(shard)} is unreadable ({describe(exc)}); "
+                             "replace or remove it") from exc
+        for image_id in found:
+            holders[image_id].append(shard)
+        ids.extend(found)
+    if len(holders) != len(ids):
+        _refuse_duplicates(fs, holders)
     return ids
 
 
-def _tar_keys(f: Any) -> Iterable[str]:
-    seen: dict[str, None] = {}
+def _refuse_duplicates(fs: Any, holders: Mapping[str, list[str]]) -> None:
+    repeated = [(i, s) for i, s in holders.items() if len(s) > 1]
+    shown = "; ".join(f"{i!r} in {', '.join(fs.unstrip_protocol(p) for p in s)}" for i, s in repeated[:DUPLICATES_SHOWN])
+    more = f"; ... and {len(repeated) - DUPLICATES_SHOWN} more" if len(repeated) > DUPLICATES_SHOWN else ""
+    raise ShardError(f"data.uri: {len(repeated)} image_ids are in more than one record ({shown}{more}); "
+                     "image_ids must be unique across all shards: rename or remove the duplicates")
+
+
+def _tar_keys(f: Any, size: int) -> list[str]:
+    """The WebDataset sample keys of a tar, in order, from its headers alone.
+
+    Like Ray's reader, consecutive members with one key are one sample; a key that comes back after
+    another key is a second sample (a duplicate). A member whose data would end past the end of the
+    file means a truncated shard (OSError).
+    """
+    keys: list[str] = []
     with tarfile.open(fileobj=f, mode="r:") as tar:
         for member in tar:
-            if member.isfile():
-                seen.setdefault(_wds_key(member.name), None)
-    return seen
+            if member.offset_data + member.size > size:
+                raise OSError(f"truncated: member {member.name} ends at byte {member.offset_data + member.size} "
+                              f"of a {size}-byte file")
+            if member.isfile() and (not keys or keys[-1] != _wds_key(member.name)):
+                keys.append(_wds_key(member.name))
+    return keys
 
 
 def _wds_key(name: str) -> str:
@@ -74,20 +118,14 @@ def _wds_key(name: str) -> str:
     return f"{folder}/{stem}" if folder else stem
 
 
-def select_ids(all_ids: list[str] | None, selection: Mapping[str, Any]) -> set[str] | None:
+def select_ids(all_ids: list[str], selection: Mapping[str, Any]) -> set[str] | None:
     """The selected image_ids (None = all): explicit ids, or every k-th from an offset, then a limit."""
     if selection["image_ids"] is not None:
         return set(selection["image_ids"])
     if selection["every"] == 1 and selection["offset"] == 0 and selection["limit"] is None:
         return None
-    assert all_ids is not None, "every/offset/limit need the ordered image_ids"
     chosen = all_ids[selection["offset"]::selection["every"]]
     return set(chosen[: selection["limit"]] if selection["limit"] is not None else chosen)
-
-
-def needs_scan(selection: Mapping[str, Any]) -> bool:
-    return selection["image_ids"] is None and (
-        selection["every"] != 1 or selection["offset"] != 0 or selection["limit"] is not None)
 
 
 def read_shards(fs: Any, shards: list[str], fmt: str, columns: Mapping[str, str]):
@@ -108,11 +146,16 @@ def read_shards(fs: Any, shards: list[str], fmt: str, columns: Mapping[str, str]
     return ds
 
 
+def is_missing(value: Any) -> bool:
+    """None, or a float NaN (numpy or Python, also inside object arrays): what Ray puts in a missing cell."""
+    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(value))
+
+
 def _image_bytes(value: Any) -> bytes | None:
-    """Image bytes from a binary cell or a {bytes, path} struct (common Parquet exports)."""
+    """Image bytes from a binary cell or a {bytes, path} struct (common Parquet exports); None when missing."""
     if isinstance(value, Mapping):
         value = value.get("bytes")
-    return value
+    return None if is_missing(value) else value
 
 
 def _rows(batch: Mapping[str, np.ndarray], fmt: str, columns: Mapping[str, str]) -> Iterable[tuple]:
@@ -123,17 +166,40 @@ def _rows(batch: Mapping[str, np.ndarray], fmt: str, columns: Mapping[str, str])
             yield (str(batch[columns["image_id"]][i]), batch[columns["label"]][i],
                    _image_bytes(batch[columns["image"]][i]), str(batch["path"][i]))
         else:
-            data = next((batch[k][i] for k in WDS_IMAGE_KEYS if k in batch and batch[k][i] is not None), None)
+            data = next((batch[k][i] for k in WDS_IMAGE_KEYS if k in batch and not is_missing(batch[k][i])), None)
             cls = batch["cls"][i] if "cls" in batch else None
             yield str(batch["__key__"][i]), cls, data, str(batch["__url__"][i])
 
 
 def _label(value: Any) -> int:
-    if value is None:
-        return -1
+    """The class index; -1 when missing (None, NaN, empty text)."""
     if isinstance(value, (bytes, bytearray)):
-        value = value.decode().strip()
-    return int(value)
+        value = value.decode()
+    if isinstance(value, str):
+        value = value.strip() or None
+    return -1 if is_missing(value) else int(value)
+
+
+class _RecordFault(Exception):
+    """The record itself is bad: no image, undecodable bytes, a label that is not an integer."""
+
+
+def _decode_record(data: bytes | None, label: Any, data_cfg: Mapping) -> tuple[np.ndarray, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    if data is None:
+        raise _RecordFault("ValueError: no image data in the record")
+    try:
+        image = resize_image(data, data_cfg["resolution"], data_cfg["resize"], data_cfg["crop"],
+                             data_cfg["interpolation"])
+    except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, EOFError, OSError, ValueError) as exc:
+        # What PIL raises for bytes it cannot decode (and resize_image for images it refuses); it reads
+        # no storage, so an OSError here is the bytes' fault. A bug (TypeError, RuntimeError...) propagates.
+        raise _RecordFault(f"{type(exc).__name__}: {exc}") from exc
+    try:
+        return image, _label(label)
+    except ValueError as exc:
+        raise _RecordFault(f"ValueError: label {label!r} is not an integer") from exc
 
 
 def decode_batch(batch: Mapping[str, np.ndarray], *, fmt: str, columns: Mapping[str, str], data_cfg: Mapping,
@@ -142,7 +208,7 @@ def decode_batch(batch: Mapping[str, np.ndarray], *, fmt: str, columns: Mapping[
     """Raw shard rows -> image_id, label, image uint8 [B, R, R, 3], todo bool [B, S].
 
     ``keep(image_id)`` returns the bool mask of sigmas still to do for the image, or None to
-    drop it (not selected, or already done). Undecodable images go to ``on_error``.
+    drop it (not selected, or already done). Records at fault go to ``on_error`` (see module doc).
     """
     res = data_cfg["resolution"]
     ids, labels, images, todo = [], [], [], []
@@ -151,12 +217,9 @@ def decode_batch(batch: Mapping[str, np.ndarray], *, fmt: str, columns: Mapping[
         if mask is None:
             continue
         try:
-            if data is None:
-                raise ValueError("no image data in the record")
-            image = resize_image(data, res, data_cfg["resize"], data_cfg["crop"], data_cfg["interpolation"])
-            label = _label(label)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is an error record
-            on_error(image_id, source, f"{type(exc).__name__}: {exc}")
+            image, label = _decode_record(data, label, data_cfg)
+        except _RecordFault as fault:
+            on_error(image_id, source, str(fault))
             continue
         ids.append(image_id)
         labels.append(label)

@@ -2,7 +2,8 @@
 
 :func:`measure_throughput` runs both paths on the same model (a benchmark preset's, random
 weights), the same images (seeded uniform noise) and the same sample counts in this process:
-the baseline (pipeline.reference_loop, float32) first, then the sampler (its dtype, optional
+the baseline (pipeline.reference_loop: the reference implementations' loop and denoise, float32,
+their batch size of 1,000 unless given) first, then the sampler (its dtype, optional
 torch.compile), each after a warm-up, each timed as the least wall and process-CPU seconds over
 ``repeats`` runs with the device drained before and after. It also counts the model's FLOPs
 per sample (``FlopCounterMode`` on one full batch) for the achieved FLOP/s and, on a known GPU,
@@ -21,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.device_info import device_name, peak_bf16_flops, synchronize
 from pipeline.models.benchmark_presets import BENCHMARK_PRESETS
 from pipeline.models.factory import create_denoise_classify
-from pipeline.reference_loop import reference_counts, reference_loop
+from pipeline.reference_loop import REFERENCE_BATCH_SIZE, ReferenceDenoiseClassify, reference_counts
 from pipeline.sampling import MonteCarloSampler, default_device
 
 
@@ -47,6 +48,7 @@ class ThroughputResult:
     device_name: str
     dtype: str
     batch_size: int
+    baseline_batch_size: int
     samples: int
     baseline_s: float  # wall seconds
     sampler_s: float
@@ -75,7 +77,8 @@ class ThroughputResult:
         out = [
             f"preset={self.preset} device={self.device} ({self.device_name}) dtype={self.dtype} "
             f"batch_size={self.batch_size} samples={self.samples}",
-            f"baseline (reference loop, float32): {self.baseline_samples_per_s:.2f} samples/s",
+            f"baseline (reference loop, float32, batch {self.baseline_batch_size}): "
+            f"{self.baseline_samples_per_s:.2f} samples/s",
             f"sampler (MonteCarloSampler, {self.dtype}): {self.sampler_samples_per_s:.2f} samples/s",
             f"ratio sampler/baseline: {self.ratio:.2f}x",
             f"seconds wall / process CPU: baseline {self.baseline_s:.2f} / {self.baseline_cpu_s:.2f}, "
@@ -126,7 +129,8 @@ def build_workload(model: torch.nn.Module, images: int, sigmas: Sequence[float],
 def measure_throughput(preset: str = "small", device: str | None = None, images: int | None = None,
                        n0: int | None = None, n: int | None = None, sigmas: Sequence[float] | None = None,
                        batch_size: int | None = None, dtype: str | None = None, compile: bool = False,
-                       channels_last: bool = True, repeats: int = 1, threads: int | None = None) -> ThroughputResult:
+                       channels_last: bool = True, repeats: int = 1, threads: int | None = None,
+                       baseline_batch_size: int = REFERENCE_BATCH_SIZE) -> ThroughputResult:
     """Builds the preset's models, times baseline then sampler on the same workload.
 
     Unset workload values are the preset's; the batch size is the preset's CPU or GPU one; the
@@ -143,9 +147,10 @@ def measure_throughput(preset: str = "small", device: str | None = None, images:
     work = build_workload(model, images or spec.images, sigmas or spec.sigmas, spec.n0 if n0 is None else n0,
                           n or spec.n, dev)
 
-    reference_counts(model, work.images[:1], work.sigmas[0], batch_size, batch_size)  # warm-up
+    reference = ReferenceDenoiseClassify(model)
+    reference_counts(reference, work.images[:1], work.sigmas[:1], 0, batch_size, baseline_batch_size)  # warm-up
     baseline_s, baseline_cpu_s = timed(
-        lambda: reference_loop(model, work.images, work.sigmas, work.n0, work.n, batch_size), dev, repeats)
+        lambda: reference_counts(reference, work.images, work.sigmas, work.n0, work.n, baseline_batch_size), dev, repeats)
 
     sampler = MonteCarloSampler(model, batch_size, dtype=dtype, device=str(dev), compile=compile,
                                 channels_last=channels_last)
@@ -154,6 +159,6 @@ def measure_throughput(preset: str = "small", device: str | None = None, images:
     sampler_s, sampler_cpu_s = timed(sample, dev, repeats)
 
     name = device_name(dev)
-    return ThroughputResult(preset, str(dev), name, dtype, batch_size, work.samples, baseline_s, sampler_s,
+    return ThroughputResult(preset, str(dev), name, dtype, batch_size, baseline_batch_size, work.samples, baseline_s, sampler_s,
                             baseline_cpu_s, sampler_cpu_s, flops_per_sample(sampler, work),
                             peak_bf16_flops(name) if dev.type == "cuda" else None)

@@ -167,3 +167,19 @@ def test_channels_last_and_validation(model, images):
         MonteCarloSampler(model, batch_size=8, dtype="int8")
     empty = sampler.sample(images, IDS, SIGMAS, 0, 0, seed=0)
     assert empty.counts.shape == (3, 2, 10) and not empty.counts.any()
+
+
+def test_from_settings_runs_the_resolved_settings_and_auto_is_refused(model, images, reference):
+    """A DeviceSettings builds the same sampler as its values; an unresolved ``auto`` is an error."""
+    from pipeline.device_settings import DeviceSettings
+
+    settings = DeviceSettings(dtype="float32", channels_last=False, compile=False, batch_size=5, reason="test")
+    sampler = MonteCarloSampler.from_settings(model, settings, "cpu")
+    assert (sampler.batch_size, sampler.dtype, sampler.memory_format) == (5, torch.float32, torch.contiguous_format)
+    assert not sampler.model.denoiser.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    out = sampler.sample(images, IDS, SIGMAS, n0=5, n=24, seed=11)
+    np.testing.assert_array_equal(out.counts, reference.counts)
+    for bad in (dict(batch_size="auto"), dict(batch_size=8, compile="auto"), dict(batch_size=8, channels_last="auto"),
+                dict(batch_size=8, dtype="auto")):
+        with pytest.raises(ValueError):
+            MonteCarloSampler(model, device="cpu", **bad)

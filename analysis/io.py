@@ -69,6 +69,10 @@ def resolve_run(uri: str) -> RunFiles:
         run = RunDirectory.at(uri.rstrip("/").rpartition("/")[0])
         return RunFiles(run.fs, _require(run.counts_files(), uri))
     if not fs.isdir(f"{path}/counts"):
+        if fs.isdir(f"{path}/errors") or fs.isfile(f"{path}/manifest.json"):
+            raise FileNotFoundError(f"{uri}: a run directory with no counts/ folder: no image was certified yet "
+                                    f"({len(RunDirectory.at(uri).error_files())} error records in errors/); "
+                                    "resume the run, or read its errors/")
         return RunFiles(fs, _require(_folder_parquet(fs, path), uri))
     run = RunDirectory.at(uri)
     return RunFiles(run.fs, _require(run.counts_files(), uri), tuple(run.error_files()),

@@ -174,7 +174,7 @@ def _cp_args(k, n) -> tuple[np.ndarray, np.ndarray]:
     return k, n
 
 
-def _cp_lower(k, n, tail) -> np.ndarray:
+def cp_lower(k, n, tail) -> np.ndarray:
     """One-sided (1 - tail) Clopper-Pearson lower bound of k/n: P[p < bound] <= tail; 0 when k = 0."""
     k, n = _cp_args(k, n)
     q = np.broadcast_to(_check_alpha(tail), k.shape)
@@ -182,7 +182,7 @@ def _cp_lower(k, n, tail) -> np.ndarray:
     return np.where(k > 0, bound, 0.0)
 
 
-def _cp_upper(k, n, tail) -> np.ndarray:
+def cp_upper(k, n, tail) -> np.ndarray:
     """One-sided (1 - tail) Clopper-Pearson upper bound of k/n: P[p > bound] <= tail; 1 when k = n."""
     k, n = _cp_args(k, n)
     q = np.broadcast_to(_check_alpha(tail), k.shape)
@@ -199,7 +199,7 @@ def clopper_pearson(k, n, alpha) -> tuple[np.ndarray, np.ndarray]:
     ``proportion_confint(k, n, alpha, method="beta")``.
     """
     half = _check_alpha(alpha) / 2
-    return _cp_lower(k, n, half), _cp_upper(k, n, half)
+    return cp_lower(k, n, half), cp_upper(k, n, half)
 
 
 def _goodman(x, n, k, alpha) -> tuple[np.ndarray, np.ndarray]:
@@ -258,7 +258,7 @@ def certify_sparse(
     _check_level_alpha(alpha)
     _check_sigma(sigma)
     chosen = counts0.top_class()
-    lower = _cp_lower(counts.count_of(chosen), counts.totals(), alpha)
+    lower = cp_lower(counts.count_of(chosen), counts.totals(), alpha)
     ok = lower >= 0.5
     return np.where(ok, chosen, ABSTAIN), np.where(ok, sigma * special.ndtri(np.where(ok, lower, 0.5)), 0.0)
 
@@ -279,7 +279,7 @@ def certify(counts0: np.ndarray, counts: np.ndarray, sigma: float, alpha: float)
 # ----------------------------------------------------------------------------- cascade
 
 
-def _stage_tails(stage: int, num_stages: int, alpha: float, schedule: str) -> tuple[float, float]:
+def stage_tails(stage: int, num_stages: int, alpha: float, schedule: str) -> tuple[float, float]:
     """One-sided error levels (selected-class lower bound, per-class upper bound) of a stage."""
     if schedule == "paper":
         return alpha / (stage + 1), alpha / (stage + 1)
@@ -341,13 +341,13 @@ class _Stage:
 
 def _evaluate_stage(stage, num_stages, sigma, counts0, counts, alpha, p0, schedule) -> _Stage:
     _check_pair(counts0, counts)
-    tail_lower, tail_upper = _stage_tails(stage, num_stages, alpha, schedule)
+    tail_lower, tail_upper = stage_tails(stage, num_stages, alpha, schedule)
     chosen = counts0.top_class()
     n = counts.totals()
-    lower = _cp_lower(counts.count_of(chosen), n, tail_lower)
+    lower = cp_lower(counts.count_of(chosen), n, tail_lower)
     # paper: the chosen class's upper bound; bonferroni: every class's (i.e. the largest count's)
     tested = chosen if schedule == "paper" else counts.top_class()
-    upper = _cp_upper(counts.count_of(tested), n, tail_upper)
+    upper = cp_upper(counts.count_of(tested), n, tail_upper)
     outcome = np.where(lower >= p0, FIRE, np.where(upper >= p0, UNDECIDED, FALL_THROUGH)).astype(np.int8)
     return _Stage(sigma, counts, chosen, lower, outcome)
 
@@ -415,11 +415,11 @@ def _off_class_upper(
     counts = level.counts.take(rows)
     n = counts.totals()
     if schedule == "bonferroni":
-        return _cp_upper(counts.max_count_excluding(cls), n, _stage_tails(higher, len(stages), alpha, schedule)[1])
+        return cp_upper(counts.max_count_excluding(cls), n, stage_tails(higher, len(stages), alpha, schedule)[1])
     tail = alpha / (fired + 1)
     num_groups, largest_other = _paper_groups(counts, cls)
     goodman_upper = _goodman(largest_other, n, num_groups, 2 * tail)[1]
-    own_lower = _cp_lower(counts.count_of(level.chosen[rows]), n, tail)
+    own_lower = cp_lower(counts.count_of(level.chosen[rows]), n, tail)
     return np.where(num_groups <= 2, 1 - own_lower, goodman_upper)
 
 

@@ -86,9 +86,9 @@ from pipeline.certification import (
     FIRE,
     UNDECIDED,
     SparseCounts,
-    _cp_lower,
-    _cp_upper,
-    _stage_tails,
+    cp_lower,
+    cp_upper,
+    stage_tails,
     walk_cascade,
 )
 from pipeline.errors import MsdsmoothError
@@ -128,7 +128,7 @@ def lower_bound_counts(n, tail, q, strict) -> np.ndarray:
                                              np.asarray(q, float), np.asarray(strict, bool))
 
     def holds(k):
-        lower = _cp_lower(k, n, tail)
+        lower = cp_lower(k, n, tail)
         return np.where(strict, lower > q, lower >= q)
 
     return _min_count(n, holds)
@@ -139,7 +139,7 @@ def upper_bound_counts(n, tail, fraction) -> np.ndarray:
     ``fraction``; -1 when none. All arguments broadcast."""
     n, tail, fraction = np.broadcast_arrays(np.asarray(n, np.int64), np.asarray(tail, float),
                                             np.asarray(fraction, float))
-    return _min_count(n, lambda k: _cp_upper(k, n, tail) >= fraction) - 1
+    return _min_count(n, lambda k: cp_upper(k, n, tail) >= fraction) - 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -425,7 +425,7 @@ class SequentialPlan:
             sigmas = self.stage_sigmas()
             if not 0 <= stage < len(sigmas):
                 raise SequentialError(f"stage {stage} out of range for {len(sigmas)} stages")
-            tail_lower, tail_upper = _stage_tails(stage, len(sigmas), self.alpha, "bonferroni")
+            tail_lower, tail_upper = stage_tails(stage, len(sigmas), self.alpha, "bonferroni")
             spend = np.asarray(self.spend)
             fire = lower_bound_counts(self._look_array, tail_lower * spend, self.p0, False)
             fall = upper_bound_counts(self._look_array, tail_upper * spend, self.p0)
@@ -441,7 +441,7 @@ class SequentialPlan:
         tables = self._stage(stage)
         look = np.asarray(look, np.int64)
         n = self._look_array[look]
-        upper = _cp_upper(k_other, n, tables.tail_upper * np.asarray(self.spend)[look])
+        upper = cp_upper(k_other, n, tables.tail_upper * np.asarray(self.spend)[look])
         with np.errstate(divide="ignore"):
             return tables.sigma * (special.ndtri(self.p0) - special.ndtri(upper))
 

@@ -10,6 +10,9 @@ implementations against this project, on the same images, models, sigmas, n0, n 
     read back and :func:`analysis.results.certify_table`.
 (c) ``cascade``: the same in cascade mode; its table is the cascade over every sigma.
 
+:func:`fixed_vs_sequential` times the project alone with fixed and with sequential sampling
+(same n_max and alpha), per mode: the samples each spends and both certified tables.
+
 Default workload: the demo's models (configs/demo/models), the digits test split written as
 Parquet shards (pipeline.digits), the demo's sigmas and alpha, ``images`` of the demo's selection.
 
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.results import cascade_method, certify_table, concat_results, results_frame, single_method
+from analysis.results import GRID_LABEL, cascade_method, certify_table, concat_results, results_frame, single_method
 from analysis.summary import radius_column, summarize, to_markdown
 from pipeline.config import Config, load_config
 from pipeline.digits import DEMO_CONFIG, DEMO_MODELS, DEMO_RADII, write_digit_shards
@@ -110,23 +113,34 @@ def reference_table(cfg: Config, batch_size: int) -> pd.DataFrame:
     return concat_results(frames)
 
 
-def project_table(cfg: Config, mode: str) -> pd.DataFrame:
-    """(b) / (c): the certification run in ``mode`` (its own run_id), then the table from its counts."""
-    from analysis.counts import load_counts
+def project_table(cfg: Config, mode: str, run_id: str | None = None) -> pd.DataFrame:
+    """(b) / (c): the certification run in ``mode`` (its own run_id), then the table from its
+    counts (a sequential run's certificates by its plan, as the aggregation recomputes them)."""
+    return project_run(cfg, mode, run_id)[0]
+
+
+def project_run(cfg: Config, mode: str, run_id: str | None = None):
+    """The certification run in ``mode``: (results table, the run's validated CountsTable)."""
+    from analysis.counts import read_counts, validate_counts
+    from analysis.io import resolve_run
     from pipeline.certify_run import run_certification
     from pipeline.config import config_from_dict
+    from pipeline.sequential import sequential_plan
 
     raw = cfg.to_dict()
     raw["smoothing"]["mode"] = mode
-    raw["output"]["run_id"] = f"time-to-table-{mode}"
+    raw["output"]["run_id"] = run_id or f"time-to-table-{mode}"
     run_cfg = config_from_dict(raw)
     summary = run_certification(run_cfg)
     s = run_cfg.smoothing
-    counts = load_counts(summary["run"])
+    counts = validate_counts(read_counts(resolve_run(summary["run"])))
+    plan = sequential_plan(s)
     if mode == "cascade":
-        return certify_table(counts, sigmas=[], cascades=[s["sigmas"]], p0=s["p0"], alpha=s["alpha"],
-                             schedule=s["schedule"])
-    return certify_table(counts, p0=s["p0"], alpha=s["alpha"], schedule=s["schedule"])
+        table = certify_table(counts, sigmas=[], cascades=[s["sigmas"]], p0=s["p0"], alpha=s["alpha"],
+                              schedule=s["schedule"], plan=plan)
+    else:
+        table = certify_table(counts, p0=s["p0"], alpha=s["alpha"], schedule=s["schedule"], plan=plan)
+    return table, counts
 
 
 def noise_tolerance(p: float, images: int) -> float:
@@ -154,9 +168,11 @@ class MethodAgreement:
 def compare_tables(reference: pd.DataFrame, ours: pd.DataFrame, radii=DEMO_RADII) -> list[MethodAgreement]:
     """Per single-sigma method of ``reference``: agreement with ``ours`` (module docstring)."""
     out = []
+    ours = ours.assign(method=ours["method"].astype(str).str.removesuffix(GRID_LABEL))
     ref_summary, our_summary = summarize(reference, radii).set_index("method"), summarize(ours, radii).set_index("method")
     for method, ref in reference.groupby("method", observed=True, sort=False):
-        mine = ours[ours["method"] == method].set_index("image_id").loc[ref["image_id"]]
+        mine = ours[ours["method"].astype(str).str.removesuffix(GRID_LABEL) == method]
+        mine = mine.set_index("image_id").loc[ref["image_id"]]
         same = ref["pred"].to_numpy() == mine["pred"].to_numpy()
         gap = np.abs(ref["radius"].to_numpy() - mine["radius"].to_numpy())[same]
         n = len(ref)
@@ -205,6 +221,66 @@ def time_to_table(work_dir: Path, images: int, n0: int, n: int, batch_size: int,
         result.seconds[path] = time.perf_counter() - start
     if "reference" in result.tables and "full" in result.tables:
         full = result.tables["full"]
-        singles = full[full["method"] != cascade_method(cfg.smoothing["sigmas"])]
+        singles = full[~full["method"].astype(str).str.startswith("cascade")]
         result.agreement = compare_tables(result.tables["reference"], singles)
     return result
+
+
+@dataclass
+class SamplingRun:
+    """One project run of the fixed-vs-sequential comparison."""
+
+    mode: str
+    sampling: str
+    seconds: float
+    table: pd.DataFrame
+    samples: dict[float, float]  # sigma -> mean samples (n0 + n) per (image, sigma) row
+    rows: dict[float, int]       # sigma -> (image, sigma) rows sampled (a cascade: the images that reached it)
+    images: int
+
+    @property
+    def samples_per_image(self) -> float:
+        """Mean samples per image over every sigma sampled."""
+        return sum(self.samples[s] * self.rows[s] for s in self.samples) / self.images
+
+
+def fixed_vs_sequential(work_dir: Path, images: int, n0: int, n_max: int, modes=("full", "cascade"),
+                        overrides: list[str] = ()) -> list[SamplingRun]:
+    """The demo workload certified with fixed sampling (n = ``n_max``) and with sequential sampling
+    (the plan's n_max = ``n_max``, same alpha) in each of ``modes``, timed: samples drawn, wall
+    seconds and the certified tables (the sequential ones recomputed from their counts by the plan)."""
+    from pipeline.config import config_from_dict
+
+    cfg = demo_config(work_dir, images, n0, n_max, list(overrides))
+    runs = []
+    for mode in modes:
+        for sampling in ("fixed", "sequential"):
+            raw = cfg.to_dict()
+            raw["smoothing"]["sampling"] = sampling
+            start = time.perf_counter()
+            table, counts = project_run(config_from_dict(raw), mode, f"sampling-{mode}-{sampling}")
+            seconds = time.perf_counter() - start
+            drawn = counts.table["n0"].to_numpy() + counts.table["n"].to_numpy()
+            per_sigma = {float(sg): float(drawn[counts.sigma == sg].mean()) for sg in counts.sigmas}
+            rows = {float(sg): int((counts.sigma == sg).sum()) for sg in counts.sigmas}
+            runs.append(SamplingRun(mode, sampling, seconds, table, per_sigma, rows, len(counts.image_ids)))
+    return runs
+
+
+def sampling_lines(runs: list[SamplingRun], radii=DEMO_RADII) -> list[str]:
+    """The comparison as printable lines: per mode, samples and seconds fixed vs sequential, and both tables."""
+    out = []
+    for mode in dict.fromkeys(r.mode for r in runs):
+        fixed, seq = (next(r for r in runs if r.mode == mode and r.sampling == s) for s in ("fixed", "sequential"))
+        out.append(f"## {mode} mode, {fixed.images} images")
+        for sigma in fixed.samples:
+            got = seq.samples.get(sigma)
+            out.append(f"sigma={sigma}: mean samples per (image, sigma) fixed {fixed.samples[sigma]:.0f}, sequential "
+                       + (f"{got:.0f} ({fixed.samples[sigma] / got:.2f}x fewer)" if got else "none (no image reached it)"))
+        out.append(f"samples per image: fixed {fixed.samples_per_image:.0f}, sequential {seq.samples_per_image:.0f} "
+                   f"({fixed.samples_per_image / seq.samples_per_image:.2f}x fewer); wall {fixed.seconds:.1f} s vs "
+                   f"{seq.seconds:.1f} s ({fixed.seconds / seq.seconds:.2f}x)")
+        for run in (fixed, seq):
+            out += ["", f"{run.sampling}:", to_markdown(summarize(run.table, radii), radii).rstrip()]
+        out.append("")
+    return out

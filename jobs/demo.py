@@ -1,20 +1,28 @@
-"""The demo: certify real handwritten digits end to end on Ray, in minutes on CPU.
+"""The demo: multi-scale smoothing and its fine-tuned denoiser on real handwritten digits, on Ray, in minutes on CPU.
 
-    python -m jobs.demo [--work-dir demo_out] [--set smoothing.n=64 ...]
+    python -m jobs.demo [--work-dir demo_out] [--set smoothing.n=128 ...] [--models configs/demo/models]
     ray job submit --working-dir . -- python -m jobs.demo --work-dir /abs/path   # a running cluster
 
 1. scikit-learn's digits, test split (360 images, pipeline.digits) -> PNG folder
    ``{work}/images/{label}/digit_NNNN.png`` -> Parquet shards at ``file://{work}/shards`` (the
    local "object store", pipeline.shard_writer);
-2. certification (pipeline.certify_run) with configs/demo.yaml (every 4th test image: 90;
-   n0 = 32, n = 512; models from configs/demo/models, mode ``full``, sigmas 0.25/0.5/1.0) on an
-   embedded local Ray, or on the cluster the job was submitted to (pipeline.ray_runtime)
-   -> counts at ``{work}/runs/{run_id}``;
-3. the report (analysis.report: each sigma alone and the cascade over all three, from the same
-   counts) -> markdown table on stdout, ``{work}/aggregate/certified_accuracy.png``, results.parquet;
-4. prints where the Parquet results are and how to open them with pandas.
+2. certification (pipeline.demo.certify_demo) with configs/demo.yaml, twice on the same images
+   and noise (same seed): the original denoiser of configs/demo/models in mode ``full`` (every
+   sigma for every image: each sigma alone and the cascade from one set of counts), and the
+   denoiser fine-tuned for the cascade (configs/demo/models/denoiser-finetuned) in mode
+   ``cascade``; on an embedded local Ray, or on the cluster the job was submitted to
+   -> counts at ``{work}/runs/{run_id}`` and ``{work}/runs/{run_id}-finetuned``;
+3. the report (pipeline.demo.demo_report): one markdown table (each sigma alone, the cascade,
+   the cascade with the fine-tuned denoiser; certified accuracy at the radii, ACR, samples
+   spent) on stdout, two lines saying what it shows, ``{work}/certified_accuracy.png`` and
+   ``{work}/results.parquet`` (one row per image x method).
 
-Re-running resumes the same run (finished rows are not recomputed); a changed
+``--models`` certifies another models folder (e.g. a fine-tuning variant written by
+``python -m jobs.train_demo --stages finetune --out DIR --set loss.lam=2``, with DIR holding a
+copy of classifier.safetensors and denoiser/); ``--set data.selection.every=1 --set
+smoothing.n=512`` is the longer study on all 360 digits.
+
+Re-running resumes the same runs (finished rows are not recomputed); a changed
 data/models/smoothing setting needs a new ``--set output.run_id=...``.
 """
 from __future__ import annotations
@@ -25,49 +33,34 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from analysis.report import render_report, write_report
-from pipeline.certify_run import run_certification
-from pipeline.config import load_config
-from pipeline.digits import DEMO_CONFIG, DEMO_MODELS, DEMO_RADII, write_digit_shards
-from pipeline.ray_runtime import ray_session
-
-
-def run_demo(work_dir: Path, overrides: Sequence[str], num_cpus: int) -> dict[str, str]:
-    """Steps 1-3 above; returns the run, counts, aggregate and plot locations and the markdown table."""
-    shards = write_digit_shards("test", work_dir / "images", work_dir / "shards", shard_size=120)
-    cfg = load_config(str(DEMO_CONFIG), [
-        f"data.uri={shards}", f"models.denoiser.uri={DEMO_MODELS / 'denoiser'}",
-        f"models.classifier.uri={DEMO_MODELS / 'classifier.safetensors'}",
-        f"output.uri={(work_dir / 'runs').as_uri()}", *overrides])
-    with ray_session(num_cpus, log_to_driver=False):
-        summary = run_certification(cfg)
-    run_dir = f"{cfg.output['uri']}/{cfg.output['run_id']}"
-    out = work_dir / "aggregate"
-    report = render_report(run_dir, radii=DEMO_RADII)
-    write_report(str(out), report.files)
-    return {"run": summary["run"], "counts": f"{run_dir}/counts", "aggregate": str(out),
-            "results": str(out / "results.parquet"), "plot": str(out / "certified_accuracy.png"),
-            "table": report.markdown}
+from pipeline.demo import certify_demo, demo_report
+from pipeline.digits import DEMO_MODELS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default="demo_out", help="local folder for images, shards, run and plots")
+    parser.add_argument("--work-dir", default="demo_out", help="local folder for images, shards, runs and the plot")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a configs/demo.yaml value, e.g. smoothing.n=64")
+                        help="override a configs/demo.yaml value (both runs), e.g. smoothing.n=128")
+    parser.add_argument("--models", default=str(DEMO_MODELS),
+                        help="folder with classifier.safetensors, denoiser/ and denoiser-finetuned/")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the embedded Ray (not used on a cluster)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    paths = run_demo(Path(args.work_dir).resolve(), args.set, args.num_cpus)
-    print(paths["table"], end="")
-    print(f"\nplot:    {paths['plot']}\n"
-          f"counts:  {paths['counts']}/*.parquet  (one row per image x sigma)\n"
-          f"results: {paths['results']}  (one row per image x method)\n\n"
+    work = Path(args.work_dir).resolve()
+    runs = certify_demo(work, args.set, args.num_cpus, Path(args.models).resolve())
+    report = demo_report(runs)
+    plot, results = work / "certified_accuracy.png", work / "results.parquet"
+    plot.write_bytes(report.plot)
+    report.results.to_parquet(results, index=False)
+    print(report.table, end="")
+    print("\n" + "\n".join(report.findings))
+    print(f"\nplot:    {plot}\n"
+          f"counts:  {runs.original}/counts, {runs.finetuned}/counts  (one row per image x sigma)\n"
+          f"results: {results}  (one row per image x method)\n\n"
           "import pandas as pd\n"
-          f"counts = pd.read_parquet({paths['counts'].removeprefix('file://')!r})\n"
-          f"results = pd.read_parquet({paths['results']!r})\n"
-          "print(results.groupby('method').agg(accuracy=('correct', 'mean'), "
-          "mean_radius=('radius', 'mean')))")
+          f"results = pd.read_parquet({str(results)!r})\n"
+          "print(results.groupby('method').agg(accuracy=('correct', 'mean'), mean_radius=('radius', 'mean')))")
     return 0
 
 

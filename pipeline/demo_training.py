@@ -11,6 +11,9 @@ Guarantees:
 * :func:`save_models` writes, a few MB: ``{out}/denoiser/{unet,scheduler}/`` (diffusers layout,
   safetensors, float16 weights), ``{out}/classifier.safetensors`` (timm state dict, float16) and
   ``{out}/classifier.json`` (the classifier spec minus its ``uri``).
+* :func:`finetune_denoiser` fine-tunes ``{out}/denoiser`` for the cascade (pipeline.finetuning,
+  configs/finetune-demo.yaml, on the digits training split, always from scratch in a work
+  folder) and writes the EMA result as ``{out}/denoiser-finetuned`` (same layout, float16).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +29,14 @@ from diffusers import UNet2DModel
 from safetensors.torch import save_file
 
 from pipeline.diffusion import NoiseSchedule, alphas_cumprod_for, timestep_for_sigma
-from pipeline.digits import NUM_CLASSES, SEED, SIZE
+from pipeline.digits import NUM_CLASSES, REPO, SEED, SIZE, write_digit_shards
+from pipeline.finetuning import load_finetune_config, run_finetuning
 from pipeline.models.classifier import Classifier
-from pipeline.models.denoiser import Denoiser, save_denoiser
+from pipeline.models.denoiser import Denoiser, load_denoiser, save_denoiser
 
-DEMO_SIGMA_RANGE = (0.15, 1.25)   # denoising levels the training timesteps concentrate on
+FINETUNE_CONFIG = REPO / "configs" / "finetune-demo.yaml"
+
+DEMO_SIGMA_RANGE = (0.3, 2.5)     # denoising levels the training timesteps concentrate on (see README)
 SPECIALISED_FRACTION = 0.8        # share of training timesteps drawn from that range
 
 CLASSIFIER_SPEC: Mapping[str, Any] = {
@@ -127,3 +133,21 @@ def save_models(unet: UNet2DModel, classifier: Classifier, out: str | Path) -> N
              for k, v in classifier.model.state_dict().items()}
     save_file(state, str(out / "classifier.safetensors"))
     (out / "classifier.json").write_text(json.dumps(dict(CLASSIFIER_SPEC), indent=2) + "\n")
+
+
+def finetune_denoiser(models: str | Path, work: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """Fine-tune ``{models}/denoiser`` with configs/finetune-demo.yaml (+ ``overrides``) on the
+    digits training split, from scratch under ``work`` (shards, Ray Train checkpoints, the
+    float32 export), then write it as ``{models}/denoiser-finetuned`` (float16); returns
+    run_finetuning's summary."""
+    models, work = Path(models).resolve(), Path(work).resolve()
+    train_uri = write_digit_shards("train", work / "train_images", work / "train_shards", shard_size=500,
+                                   prefix="train")
+    cfg = load_finetune_config(str(FINETUNE_CONFIG), [
+        f"data.uri={train_uri}", f"models.denoiser.uri={models / 'denoiser'}",
+        f"models.classifier.uri={models / 'classifier.safetensors'}", f"checkpoint.uri={work / 'checkpoints'}",
+        f"output.uri={work / 'denoiser'}", *overrides])
+    summary = run_finetuning(cfg)
+    tuned = load_denoiser({"uri": str(work / "denoiser")})
+    save_denoiser(Denoiser(tuned.unet.half(), tuned.schedule), str(models / "denoiser-finetuned"))
+    return summary

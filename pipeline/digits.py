@@ -8,7 +8,8 @@ Guarantees:
 * :func:`write_digit_shards` writes one split as PNGs in class folders, then as Parquet shards
   (pipeline.shard_writer), so labels travel through the same path as any image folder's.
 * ``DEMO_CONFIG`` / ``DEMO_MODELS`` are the demo's committed certification config and models
-  (trained by ``python -m jobs.train_demo``); ``DEMO_RADII`` the radii of its tables.
+  (classifier, denoiser and the denoiser fine-tuned for the cascade, all trained by
+  ``python -m jobs.train_demo``); ``DEMO_RADII`` the radii of its tables.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pipeline.shard_writer import make_shards
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-DEMO_MODELS = REPO / "configs" / "demo" / "models"   # denoiser/ and classifier.safetensors
+DEMO_MODELS = REPO / "configs" / "demo" / "models"   # classifier.safetensors, denoiser/, denoiser-finetuned/
 DEMO_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 SIZE = 16                      # certification resolution (digits are 8x8)

@@ -113,8 +113,10 @@ def train_loop(cfg: dict) -> None:
     metrics: dict[str, float] = {"step": finetuner.step, "epoch": finetuner.epoch, "start_step": start_step}
     while finetuner.step < t["steps"]:
         batches = 0
+        # the shuffle is seeded per (seed, epoch, rank): a run is reproducible given its data order
         for batch in train.iter_torch_batches(batch_size=t["batch_size"], drop_last=True,
-                                              local_shuffle_buffer_size=4 * t["batch_size"]):
+                                              local_shuffle_buffer_size=4 * t["batch_size"],
+                                              local_shuffle_seed=t["seed"] + 1000 * finetuner.epoch + rank):
             batches += 1
             pending.append(finetuner.train_step(*on_device(batch, device), rank))
             done = finetuner.step >= t["steps"]

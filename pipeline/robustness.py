@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from pipeline.run_dir import RunDirectory
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.results import GRID_LABEL, cascade_method, certify_table, concat_results, results_frame, single_method
+from analysis.results import GRID_LABEL, certify_table, concat_results, results_frame, single_method
 from analysis.summary import radius_column, summarize, to_markdown
 from pipeline.config import Config, load_config
 from pipeline.digits import DEMO_CONFIG, DEMO_MODELS, DEMO_RADII, write_digit_shards

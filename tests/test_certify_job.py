@@ -8,12 +8,9 @@ same decoded images); faults: a corrupt JPEG, a SIGKILLed actor, an interrupted 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -27,7 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import create_bucket, free_port
+from conftest import create_bucket, submit_ray_job
 from pipeline.certification import FALL_THROUGH, SparseCounts, cascade_stage_outcome
 from pipeline.certify_run import run_certification
 from pipeline.config import ConfigError, config_from_dict
@@ -279,63 +276,13 @@ def test_fails_fast_on_storage_problems(models, bucket, shards, monkeypatch, tmp
     monkeypatch.undo()
 
 
-@pytest.fixture
-def ray_head(tmp_path_factory, s3_server):
-    """``ray start --head --block`` on 127.0.0.1 with its own ports and temp dir; killed by PID."""
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-                                            "object-manager-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}
-    low = free_port_range(40)
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: unix socket paths are limited
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-           f"--temp-dir={temp}", f"--min-worker-port={low}", f"--max-worker-port={low + 39}", "--disable-usage-stats",
-           *(f"--{k}={v}" for k, v in ports.items())]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        yield f"http://127.0.0.1:{ports['dashboard-port']}", env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the session this test started: ray start and its children
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def free_port_range(width: int) -> int:
-    """A start port whose next ``width`` ports look free."""
-    for _ in range(50):
-        start = free_port()
-        if start + width < 65000 and all(_port_free(p) for p in range(start, start + width)):
-            return start
-    raise RuntimeError("no free port range")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def test_ray_job_submit(ray_head, models, bucket, shards):
     address, env = ray_head
     args = ["--config", "configs/small.yaml", "--set", f"data.uri=s3://{bucket}/shards/parquet/",
             "--set", f"models.denoiser.uri={models / 'denoiser'}",
             "--set", f"models.classifier.uri={models / 'classifier.safetensors'}",
             "--set", f"output.uri=s3://{bucket}/runs", "--set", "output.run_id=submitted"]
-    submit = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
-              "--working-dir", ".", "--", "python", "-m", "jobs.certify", *args]
-    deadline = time.time() + 120
-    while True:  # the head needs a moment before its job agent answers: retry until it takes the job
-        out = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-        if "submitted successfully" in out.stdout or time.time() > deadline:
-            break
-        time.sleep(3)
+    out = submit_ray_job(address, env, ["python", "-m", "jobs.certify", *args], cwd=REPO)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     store = RunDirectory(f"s3://{bucket}/runs", "submitted")
     table = counts_of(store)

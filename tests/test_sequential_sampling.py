@@ -7,24 +7,11 @@ import pytest
 import torch
 
 from pipeline.sampling import MonteCarloSampler
-from tests.test_sampling import SyncCounter
-from tests.tiny_models import tiny_model
+from tests.test_sampling import IDS, SIGMAS, SyncCounter, images, model  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)
 
-SIGMAS = [0.25, 0.5]
-IDS = ["img-a", "img-b", "img-c"]
 LOOKS = [6, 12, 20]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return np.random.default_rng(0).random((3, 3, 16, 16), dtype=np.float32)
 
 
 def never(j, counts0, counts, n):

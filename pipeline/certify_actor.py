@@ -30,6 +30,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 
 from pipeline.certification import SparseCounts, cascade_stage_outcome, walk_cascade
@@ -70,7 +71,7 @@ class CertifyActor:
                      "seed": self.smoothing["seed"], "n0": self.smoothing["n0"],
                      "denoiser_id": weights_tag(models["denoiser"]["uri"], checksums["denoiser"]),
                      "classifier_id": weights_tag(models["classifier"]["name"], checksums["classifier"]),
-                     "worker": f"{socket.gethostname()}:{os.getpid()}"}
+                     "worker": f"{socket.gethostname()}@{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"}
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["image_id"], dtype=object)

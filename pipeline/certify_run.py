@@ -12,7 +12,9 @@ Guarantees:
   recorded as errors); a run_id can only be resumed with the same data/models/smoothing config
   and the same weights behind the model URIs (:mod:`pipeline.provenance`).
 * When :func:`run_certification` returns, every selected (image, sigma) row is in exactly one
-  counts file.
+  counts file, and at most one counts file has fewer than ``COMPACT_ROWS`` (10,000) rows.
+* A run with nothing left to do decides so from one listing and read of its files, without
+  importing Ray, torch or the models.
 * It uses the Ray of :func:`pipeline.ray_runtime.ray_session`: the one already initialised in this
   process, the cluster of ``ray job submit`` (``RAY_ADDRESS``, no resources asked), or else an
   embedded local Ray for the duration of the run.
@@ -28,8 +30,9 @@ from pipeline.progress import Progress
 from pipeline.provenance import (ModelLoadError, check_model_uris, open_run, record_checksums,
                                  record_device_settings, recorded_device_settings)
 from pipeline.ray_runtime import ray_session
+from pipeline.resources import check_resources
 from pipeline.resume import RemainingWork, decode_remaining
-from pipeline.run_dir import RunDirectory
+from pipeline.run_dir import RunDirectory, RunScan
 from pipeline.shards import list_shards, read_shards, scan_image_ids, select_ids
 
 log = logging.getLogger(__name__)
@@ -37,10 +40,6 @@ log = logging.getLogger(__name__)
 
 def run_certification(cfg: Config) -> dict:
     """Run (or resume) the certification described by ``cfg``; returns :func:`finish`'s summary."""
-    import ray
-
-    from pipeline.certify_actor import CertifyActor, probe_models  # imports torch: only when certifying
-
     d, s, c = cfg.data, cfg.smoothing, cfg.compute
     fs, shards = list_shards(d["uri"], d["format"])
     if d["expected_shards"] is not None and len(shards) != d["expected_shards"]:
@@ -49,15 +48,21 @@ def run_certification(cfg: Config) -> dict:
     all_ids = scan_image_ids(fs, shards, d["format"], d["columns"]["image_id"])  # ShardError: duplicates, corrupt
     store = open_run(cfg, weights)
     selected = select_ids(all_ids, d["selection"])
-    work = RemainingWork(s["sigmas"], s["mode"] == "cascade", selected, store.done_keys(), store.error_ids())
+    scan = store.scan()  # the one read of the run's files at start: resume, and finish reads only new ones
+    work = RemainingWork(s["sigmas"], s["mode"] == "cascade", selected, scan.done, scan.error_ids)
     total = work.images(selected if selected is not None else all_ids)
     log.info("run %s: %d shards, %d images to do, output %s", cfg.output["run_id"], len(shards), total, store.uri())
     progress, checksums = Progress(total, c["log_every"]), set()
     if total == 0:
         log.info("nothing to do: every selected (image, sigma) row is already written")
-        return finish(store, progress, checksums)
+        return finish(store, scan, progress, checksums)
+
+    import ray  # Ray, torch and the models only once there is work: a finished run decides without them
+
+    from pipeline.certify_actor import CertifyActor, probe_models
 
     with ray_session():  # the running Ray, the cluster of `ray job submit`, or an embedded local one
+        check_resources(c)  # a request that no node can ever hold fails now, naming the compute.* keys
         probe = ray.remote(probe_models).options(num_cpus=c["cpus_per_actor"], num_gpus=c["gpus_per_actor"])
         failure, settings = ray.get(probe.remote(cfg.to_dict(), recorded_device_settings(store, c)))
         if failure is not None:
@@ -79,16 +84,18 @@ def run_certification(cfg: Config) -> dict:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             progress.update(len(batch["image_id"]), int(batch["rows"].sum()))
             checksums.update(batch["model_checksums"].tolist())
-    return finish(store, progress, checksums)
+    return finish(store, scan, progress, checksums)
 
 
-def finish(store: RunDirectory, progress: Progress, checksums: set[str]) -> dict:
-    """Record checksums, leave every row in exactly one file, remove stale temporaries, summarise."""
+def finish(store: RunDirectory, start: RunScan, progress: Progress, checksums: set[str]) -> dict:
+    """Record checksums, leave every row in exactly one file and the counts in files of
+    ``COMPACT_ROWS`` rows (:meth:`RunDirectory.compact`), remove stale temporaries, summarise; reads
+    only the files the ``start`` scan does not hold."""
     record_checksums(store, checksums)
-    merged = store.compact_duplicates()
+    final, merged = store.compact(store.scan(start))
     store.remove_stale_temporaries()
     summary = {"run": store.uri(), "images": progress.done, "rows": progress.rows,
-               "rows_total": len(store.done_keys()), "errors": len(store.error_ids()),
+               "rows_total": len(final.done), "errors": len(final.error_ids), "counts_files": len(final.counts),
                "merged_files": merged, "seconds": round(progress.seconds(), 3)}
     log.info("finished: %s", json.dumps(summary))
     return summary

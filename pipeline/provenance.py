@@ -34,14 +34,11 @@ from pipeline.config import Config, ConfigError, changed_keys, refuse_changed
 from pipeline.errors import MsdsmoothError, StorageError, describe
 from pipeline.run_dir import RunDirectory
 from pipeline.sequential import sequential_plan
-from pipeline.storage import is_local, sha256_file, url_to_fs
+from pipeline.storage import is_local, object_stamp, sha256_file, url_to_fs
 
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("models.denoiser.uri", "models.classifier.uri")
-# Fields of fsspec's info() that change when an object is rewritten (S3, GCS, Azure, HTTP, local).
-CHANGE_FIELDS = ("size", "ETag", "etag", "md5Hash", "crc32c", "generation", "content_md5", "LastModified",
-                 "last_modified", "updated", "mtime", "VersionId", "version_id")
 
 
 class ModelLoadError(MsdsmoothError, RuntimeError):
@@ -94,7 +91,7 @@ def weights_identity(fs: Any, path: str, uri: str) -> dict[str, str]:
         if is_local(fs):
             entries.append([relative, sha256_file(name)])
         else:
-            entries.append([relative, {k: str(info[k]) for k in CHANGE_FIELDS if info.get(k) is not None}])
+            entries.append([relative, object_stamp(info)])
     if is_local(fs) and len(entries) == 1 and not fs.isdir(path):
         digest = entries[0][1]  # a single file: its own sha256, as `sha256sum` prints it
     else:

@@ -2,7 +2,8 @@
 
 Guarantee: an image reaches the actors only with the sigmas that have no counts row yet; an image
 not selected, recorded as an error, or complete (in cascade mode: with any row, since a cascade
-writes an image's rows together) never does.
+writes an image's rows together) never does. A batch with nothing left goes to Ray with the column
+types of any other batch (:func:`typed_batch`), never as pickled objects.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.run_dir import RunDirectory
 from pipeline.shards import decode_batch
@@ -54,4 +56,18 @@ def decode_remaining(batch: dict, *, work_ref: list, store: RunDirectory, **kwar
     if key not in _FETCHED:
         _FETCHED.clear()
         _FETCHED[key] = ray.get(work_ref[0])
-    return decode_batch(batch, keep=_FETCHED[key], on_error=store.write_error, **kwargs)
+    return typed_batch(decode_batch(batch, keep=_FETCHED[key], on_error=store.write_error, **kwargs))
+
+
+def typed_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
+    """``batch`` in a form Ray keeps typed: as it is, or when it has no rows an Arrow table whose
+    columns have the types Ray gives a non-empty one (string ids, tensor columns of the same
+    shapes). Ray 2.60 converts a multi-dimensional column to its tensor type only when it has a
+    row, and otherwise pickles it, with a warning."""
+    if len(batch["image_id"]):
+        return batch
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({name: ArrowTensorArray.from_numpy(column) if column.ndim > 1
+                     else pa.array(column, pa.string() if column.dtype == object else None)
+                     for name, column in batch.items()})

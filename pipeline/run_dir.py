@@ -22,8 +22,16 @@ Guarantees:
   older than ``STALE_TEMPORARY_S``. A writer renames its temporary file within seconds of
   creating it, so an hour-old one cannot belong to a live writer, even one of another driver
   sharing the run_id.
-* :meth:`RunDirectory.done_keys` lists the rows already written, for resume;
-  :meth:`RunDirectory.compact_duplicates` leaves every key in exactly one file.
+* :meth:`RunDirectory.scan` lists counts/ and errors/ once and reads each file's keys once (one GET
+  per file on an object store); a later scan given the earlier one reads only files it has not
+  seen (a name is its key set). Resume, compaction and the run's summary all use one scan.
+* :meth:`RunDirectory.compact` leaves every key in exactly one file and at most one file with fewer
+  than ``COMPACT_ROWS`` rows: files sharing keys and every file under ``COMPACT_ROWS`` rows are
+  merged, their rows sorted by (image_id, sigma) and cut into ``COMPACT_ROWS``-row files. It writes
+  the merged files before removing anything, and removes only files it listed and whose every key
+  it has just written, so a crash or a second driver doing the same leaves at worst duplicate rows
+  (the next compaction, and the aggregation's dedupe, remove them), never a lost row; run again on
+  its own result it does nothing.
 """
 from __future__ import annotations
 
@@ -33,9 +41,13 @@ import json
 import os
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Iterable
+
+import numpy as np
+import pyarrow.compute as pc
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,6 +59,7 @@ from pipeline.storage import is_local, url_to_fs
 Key = tuple[str, float]
 TEMPORARY_PREFIX = ".tmp-"
 STALE_TEMPORARY_S = 3600.0
+COMPACT_ROWS = 10_000  # rows per counts file once a run finishes (a few MB at ImageNet's class counts)
 
 
 class RunDirectoryError(MsdsmoothError, ValueError):
@@ -116,9 +129,12 @@ class RunDirectory:
     def write_counts(self, table: pa.Table) -> str:
         """Write counts rows (COUNTS_SCHEMA) under their content name; returns the path."""
         keys = zip(table.column("image_id").to_pylist(), table.column("sigma").to_pylist())
-        path = f"{self.counts_dir}/part-{keys_digest(keys)}.parquet"
+        path = self._counts_path(keys)
         self.put(path, _table_bytes(table.cast(COUNTS_SCHEMA)))
         return path
+
+    def _counts_path(self, keys: Iterable[Key]) -> str:
+        return f"{self.counts_dir}/part-{keys_digest(keys)}.parquet"
 
     def write_error(self, image_id: str, source: str, error: str) -> str:
         """Record one image that could not be decoded (idempotent: one file per image_id)."""
@@ -129,13 +145,15 @@ class RunDirectory:
         return path
 
     def _files(self, directory: str, prefix: str) -> list[str]:
-        """The data files ``{prefix}*.parquet`` of ``directory``, sorted; hidden names skipped;
-        RunDirectoryError naming anything else."""
+        """The data files ``{prefix}*.parquet`` of ``directory``, sorted (one listing); hidden names
+        skipped; RunDirectoryError naming anything else."""
         self.fs.invalidate_cache(directory)  # other processes write here: never trust a cached listing
-        if not self.fs.exists(directory):
+        try:
+            entries = self.fs.ls(directory, detail=True)
+        except FileNotFoundError:
             return []
         files = []
-        for entry in self.fs.ls(directory, detail=True):
+        for entry in entries:
             path = entry["name"].rstrip("/")
             name = path.rsplit("/", 1)[-1]
             if name.startswith("."):
@@ -147,15 +165,17 @@ class RunDirectory:
             files.append(path)
         return sorted(files)
 
-    def _read_columns(self, paths: list[str], columns: list[str]) -> list[pa.Table]:
-        def read(path: str) -> pa.Table:
-            with self.fs.open(path, "rb") as f:
-                try:
-                    return pq.read_table(f, columns=columns)
-                except pa.ArrowInvalid as exc:  # the file's bytes, not the storage: name it
-                    raise unreadable_file(self.uri(path), exc) from exc
+    def _read(self, path: str, columns: list[str] | None = None) -> tuple[pa.Table, bytes]:
+        """(the table, the file's bytes): one whole-file read (a single GET on an object store)."""
+        data = self.fs.cat_file(path)
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns), data
+        except pa.ArrowInvalid as exc:  # the file's bytes, not the storage: name it
+            raise unreadable_file(self.uri(path), exc) from exc
+
+    def _read_many(self, paths: list[str], columns: list[str]) -> list[tuple[pa.Table, bytes]]:
         with ThreadPoolExecutor(max_workers=16) as pool:
-            return list(pool.map(read, paths))
+            return list(pool.map(lambda path: self._read(path, columns), paths))
 
     def remove_stale_temporaries(self, older_than_s: float = STALE_TEMPORARY_S) -> int:
         """Remove ``.tmp-*`` files older than ``older_than_s`` in the run, counts/ and errors/
@@ -163,9 +183,11 @@ class RunDirectory:
         removed, now = 0, time.time()
         for directory in (self.root, self.counts_dir, self.errors_dir):
             self.fs.invalidate_cache(directory)
-            if not self.fs.exists(directory):
+            try:
+                listing = self.fs.ls(directory, detail=False)
+            except FileNotFoundError:
                 continue
-            for path in self.fs.ls(directory, detail=False):
+            for path in listing:
                 path = path.rstrip("/")
                 if not path.rsplit("/", 1)[-1].startswith(TEMPORARY_PREFIX):
                     continue
@@ -185,19 +207,45 @@ class RunDirectory:
         """Every finished error-record file (paths on :attr:`fs`), sorted."""
         return self._files(self.errors_dir, "err-")
 
-    def file_keys(self) -> dict[str, list[Key]]:
-        """(image_id, sigma) keys of every finished counts file."""
+    def scan(self, previous: "RunScan | None" = None) -> "RunScan":
+        """The run's data files now: one listing of counts/ and errors/, and one read of every file
+        that ``previous`` (an earlier scan of this run) does not hold."""
+        known = previous or RunScan({}, {})
+        counts, small = self._counts_keys(known)
+        return RunScan(counts, self._error_ids(known.errors), small)
+
+    def _counts_keys(self, known: "RunScan") -> tuple[dict[str, tuple[Key, ...]], dict[str, bytes]]:
+        """(keys of every counts file, bytes of those under COMPACT_ROWS rows), reading only new files."""
         paths = self.counts_files()
-        tables = self._read_columns(paths, ["image_id", "sigma"])
-        return {p: list(zip(t.column("image_id").to_pylist(), t.column("sigma").to_pylist()))
-                for p, t in zip(paths, tables)}
+        new = [p for p in paths if p not in known.counts]
+        counts = {p: known.counts[p] for p in paths if p in known.counts}
+        small = {p: known.small[p] for p in paths if p in known.small}
+        for path, (table, data) in zip(new, self._read_many(new, ["image_id", "sigma"])):
+            counts[path] = tuple(zip(table.column("image_id").to_pylist(), table.column("sigma").to_pylist()))
+            if len(counts[path]) < COMPACT_ROWS:
+                small[path] = data
+        return dict(sorted(counts.items())), small
+
+    def _error_ids(self, known: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        """The image_ids of every error record, reading only files not in ``known``."""
+        paths = self.error_files()
+        new = [p for p in paths if p not in known]
+        errors = {p: known[p] for p in paths if p in known}
+        for path, (table, _) in zip(new, self._read_many(new, ["image_id"])):
+            errors[path] = tuple(table.column("image_id").to_pylist())
+        return dict(sorted(errors.items()))
+
+    def file_keys(self) -> dict[str, tuple[Key, ...]]:
+        """(image_id, sigma) keys of every finished counts file."""
+        return self._counts_keys(RunScan({}, {}))[0]
 
     def done_keys(self) -> set[Key]:
+        """Every (image_id, sigma) row written."""
         return {k for keys in self.file_keys().values() for k in keys}
 
     def error_ids(self) -> set[str]:
-        tables = self._read_columns(self.error_files(), ["image_id"])
-        return {i for t in tables for i in t.column("image_id").to_pylist()}
+        """Every image recorded as undecodable."""
+        return {i for ids in self._error_ids({}).values() for i in ids}
 
     def read_manifest(self) -> dict | None:
         self.fs.invalidate_cache(self.root)
@@ -209,28 +257,92 @@ class RunDirectory:
     def write_manifest(self, manifest: dict) -> None:
         self.put(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True).encode())
 
-    def compact_duplicates(self) -> int:
-        """Merge files sharing keys so each key is in one file; returns the number of files merged.
+    def forget(self, image_ids: Iterable[str]) -> int:
+        """Remove the counts rows of ``image_ids`` (every sigma), so that a resume recomputes them;
+        returns the number of rows removed. Each file holding one is rewritten without them (the new
+        file first, then the old one removed: a crash in between leaves both, i.e. nothing lost)."""
+        forgotten, removed = set(image_ids), 0
+        for path, keys in self.file_keys().items():
+            if not any(i in forgotten for i, _ in keys):
+                continue
+            table = self._read(path)[0]
+            keep = pa.array([i not in forgotten for i in table.column("image_id").to_pylist()])
+            kept = table.filter(keep)
+            if kept.num_rows:
+                self.write_counts(kept)
+            self.fs.rm(path)
+            removed += table.num_rows - kept.num_rows
+        return removed
 
-        Crash-safe and idempotent: the merged file is written before the old ones are removed.
+    def compact(self, scan: "RunScan | None" = None, target_rows: int = COMPACT_ROWS) -> tuple["RunScan", int]:
+        """Leave every key in one file and at most one file under ``target_rows`` rows (module doc);
+        returns (the scan of the result, how many files were merged away or into others).
+
+        ``scan`` is a scan of this run (taken now if None); files written after it are not touched.
         """
-        per_file = self.file_keys()
-        seen = Counter(k for keys in per_file.values() for k in set(keys))
-        dup_files = sorted(p for p, keys in per_file.items() if any(seen[k] > 1 for k in keys))
-        if not dup_files:
-            return 0
-        groups = _overlap_groups({p: per_file[p] for p in dup_files})
-        for group in groups:
-            tables = []
-            for path in group:
-                with self.fs.open(path, "rb") as f:
-                    tables.append(pq.read_table(f))
-            merged = _first_per_key(pa.concat_tables(tables))
-            kept = self.write_counts(merged)
-            for path in group:
-                if path != kept:
+        scan = scan or self.scan()
+        pool = compaction_pool(scan.counts, target_rows)
+        if not pool:
+            return scan, 0
+        tables = [pq.read_table(pa.BufferReader(scan.small[p])) if p in scan.small else self._read(p)[0]
+                  for p in pool]
+        merged = _sorted_first_per_key(pa.concat_tables([t.cast(COUNTS_SCHEMA) for t in tables]))
+        written: dict[str, tuple[Key, ...]] = {}
+        small: dict[str, bytes] = {}
+        for start in range(0, merged.num_rows, target_rows):
+            chunk = merged.slice(start, target_rows)
+            keys = tuple(zip(chunk.column("image_id").to_pylist(), chunk.column("sigma").to_pylist()))
+            path = self._counts_path(keys)
+            data = scan.small.get(path) or _table_bytes(chunk)
+            if path not in scan.counts:
+                self.put(path, data)
+            written[path] = keys
+            if len(keys) < target_rows:
+                small[path] = data
+        if not set(written) <= set(self.counts_files()):
+            # another driver's compaction removed a file this one relies on (its rows are in that
+            # driver's output): remove nothing, the next compaction merges the duplicates
+            return self.scan(scan), 0
+        for path in pool:
+            if path not in written:
+                try:
                     self.fs.rm(path)
-        return len(dup_files)
+                except FileNotFoundError:
+                    pass  # another driver's compaction removed it after writing its rows
+        counts = {p: k for p, k in scan.counts.items() if p not in pool} | written
+        kept_small = {p: d for p, d in scan.small.items() if p in counts and p not in written} | small
+        return RunScan(dict(sorted(counts.items())), scan.errors, kept_small), len(pool)
+
+
+@dataclass(frozen=True)
+class RunScan:
+    """A run directory's data files at one listing: each counts file's (image_id, sigma) keys, each
+    error record's image_ids, and the bytes of the counts files under ``COMPACT_ROWS`` rows (what a
+    compaction merges, kept so that it reads nothing twice)."""
+
+    counts: dict[str, tuple[Key, ...]]
+    errors: dict[str, tuple[str, ...]]
+    small: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def done(self) -> set[Key]:
+        """Every (image_id, sigma) row written."""
+        return {k for keys in self.counts.values() for k in keys}
+
+    @property
+    def error_ids(self) -> set[str]:
+        """Every image recorded as undecodable."""
+        return {i for ids in self.errors.values() for i in ids}
+
+
+def compaction_pool(files: dict[str, tuple[Key, ...]], target_rows: int) -> list[str]:
+    """The counts files a compaction merges, sorted: every file sharing a key with another and every
+    file under ``target_rows`` rows; none when that is a single file holding no shared key (the
+    result of an earlier compaction), so compacting a compacted run does nothing."""
+    shared = {p for group in _overlap_groups(files) if len(group) > 1 for p in group}
+    small = {p for p, keys in files.items() if len(keys) < target_rows}
+    pool = shared | small
+    return sorted(pool) if shared or len(pool) > 1 else []
 
 
 def _overlap_groups(per_file: dict[str, list[Key]]) -> list[list[str]]:
@@ -256,12 +368,11 @@ def _overlap_groups(per_file: dict[str, list[Key]]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _first_per_key(table: pa.Table) -> pa.Table:
-    """The first row of each (image_id, sigma) key."""
-    seen: set[Key] = set()
-    rows = []
-    for i, key in enumerate(zip(table.column("image_id").to_pylist(), table.column("sigma").to_pylist())):
-        if key not in seen:
-            seen.add(key)
-            rows.append(i)
-    return table.take(pa.array(rows, type=pa.int64()))
+def _sorted_first_per_key(table: pa.Table) -> pa.Table:
+    """The rows sorted by (image_id, sigma), keeping the first (in ``table``'s order) of each key."""
+    table = table.take(pc.sort_indices(table, sort_keys=[("image_id", "ascending"), ("sigma", "ascending")]))
+    ids = table.column("image_id").to_numpy(zero_copy_only=False)
+    sigmas = table.column("sigma").to_numpy()
+    first = np.ones(len(ids), dtype=bool)
+    first[1:] = (ids[1:] != ids[:-1]) | (sigmas[1:] != sigmas[:-1])
+    return table.filter(pa.array(first))

@@ -7,7 +7,10 @@ Guarantees: deterministic order (class folders sorted, files sorted within; CSV 
 image_id = file name without extension (unique, else an error), image bytes copied unchanged,
 shards ``{prefix}-00000.{parquet|tar}``, ... each holding ``shard_size`` images (the last fewer).
 Parquet columns: image_id (string), label (int64), image (binary). WebDataset members:
-``{image_id}.{jpg|png|webp}`` and ``{image_id}.cls`` (the label as decimal text).
+``{image_id}.{jpg|png|webp}`` and ``{image_id}.cls`` (the label as decimal text), and beside the
+tars an id index ``_index.parquet`` (:data:`pipeline.shards.WDS_INDEX`: each shard's name, its
+:func:`pipeline.shards.shard_stamp` as stored, its sample keys), written after every shard, so that
+selecting images reads no tar on the driver; :func:`write_wds_index` (re)writes it for existing tars.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.shards import WDS_INDEX, WDS_INDEX_SCHEMA, list_shards, shard_stamp, tar_sample_keys, wds_sample_keys
 from pipeline.storage import url_to_fs
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -119,10 +123,35 @@ def make_shards(source: str, out_uri: str, fmt: str = "parquet", shard_size: int
     out_fs, out_root = url_to_fs(out_uri)
     out_fs.makedirs(out_root, exist_ok=True)
     write, ext = (_parquet_shard, "parquet") if fmt == "parquet" else (_tar_shard, "tar")
-    uris = []
+    uris, index = [], {}
     for number, start in enumerate(range(0, len(images), shard_size)):
         chunk = images[start:start + shard_size]
         name = f"{prefix}-{number:05d}.{ext}"
         out_fs.pipe_file(f"{out_root.rstrip('/')}/{name}", write(chunk, [src_fs.cat_file(i.path) for i in chunk]))
         uris.append(f"{out_uri.rstrip('/')}/{name}")
+        index[name] = wds_sample_keys(f"{i.image_id}.{i.kind}" for i in chunk)
+    if fmt == "webdataset":
+        _write_index(out_fs, out_root, index)
     return uris
+
+
+def write_wds_index(uri: str) -> int:
+    """(Re)write the ``_index.parquet`` of the WebDataset tars in the folder ``uri`` from their
+    headers; returns how many shards it lists."""
+    fs, shards = list_shards(uri, "webdataset")
+    root = url_to_fs(uri)[1].rstrip("/")
+    outside = [s for s in shards if s.rpartition("/")[0] != root]
+    if outside:
+        raise ValueError(f"{uri}: an index lists the tars directly in its folder; {outside[0]} is not")
+    _write_index(fs, root, {s.rpartition("/")[2]: tar_sample_keys(fs, s) for s in shards})
+    return len(shards)
+
+
+def _write_index(fs: Any, root: str, keys: dict[str, list[str]]) -> None:
+    """The index of the tars ``keys`` names (file name -> sample keys) in ``root``, stamped as they are now."""
+    root = root.rstrip("/")
+    table = pa.table({"shard": list(keys), "stamp": [shard_stamp(fs.info(f"{root}/{name}")) for name in keys],
+                      "keys": list(keys.values())}, schema=WDS_INDEX_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe_file(f"{root}/{WDS_INDEX}", buf.getvalue())

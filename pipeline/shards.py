@@ -1,14 +1,17 @@
 """Shards on object storage -> Ray Dataset of decoded, resized images.
 
 Guarantees:
-* :func:`list_shards` returns every shard the URI names (file, folder or glob), sorted, and
-  fails with :class:`StorageError` (naming the URI and the cause) when storage is unreachable,
-  credentials are missing or nothing matches. :func:`read_shards` hands Ray that explicit list
+* :func:`list_shards` returns every shard the URI names (file, folder or glob), sorted, never a
+  name starting with ``.`` or ``_`` (in-progress writes, ``_index.parquet``), and fails with
+  :class:`StorageError` (naming the URI and the cause) when storage is unreachable, credentials
+  are missing or nothing matches. :func:`read_shards` hands Ray that explicit list
   with missing paths an error, and checks the number of files Ray reports where it reports it.
 * :func:`scan_image_ids` reads every shard's ids (Parquet: the footer and the id column; tar: the
-  member headers only, seeking past the data) and raises :class:`ShardError` naming ``data.uri``
-  and the shard when a shard is unreadable or truncated, or naming examples of ids that are in more
-  than one record (with the shards holding them): duplicates would make two rows per key that no
+  keys recorded in the ``_index.parquet`` beside it when the index matches the shard's current
+  size and content stamp (:func:`shard_stamp`), else the member headers only, seeking past the
+  data, with a warning naming the shards whose index entry is stale or missing) and raises
+  :class:`ShardError` naming ``data.uri`` and the shard when a shard is unreadable or truncated,
+  or naming examples of ids that are in more than one record (with the shards holding them): duplicates would make two rows per key that no
   resume could repair, so they are refused before any model work.
 * :func:`decode_batch` turns image bytes into uint8 [H, W, 3] arrays at the certification
   resolution. A missing value of any kind (None, NaN: what Ray puts in a WebDataset column that a
@@ -20,21 +23,28 @@ Guarantees:
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import tarfile
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import MsdsmoothError, StorageError, describe
 from pipeline.images import resize_image
-from pipeline.storage import url_to_fs
+from pipeline.storage import object_stamp, url_to_fs
 
 SHARD_SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 DUPLICATES_SHOWN = 5
+WDS_INDEX = "_index.parquet"  # beside WebDataset shards: each shard's name, stamp and sample keys
+WDS_INDEX_SCHEMA = pa.schema([("shard", pa.string()), ("stamp", pa.string()), ("keys", pa.list_(pa.string()))])
+# fields of fsspec's info() that name a file's content (object stores); else its modification time
+log = logging.getLogger(__name__)
 
 
 class ShardError(MsdsmoothError, ValueError):
@@ -56,7 +66,7 @@ def list_shards(uri: str, fmt: str) -> tuple[Any, list[str]]:
             raise FileNotFoundError(path)
     except Exception as exc:  # noqa: BLE001 - any backend error becomes one clear message
         raise StorageError(f"data.uri {uri}: cannot list shards: {describe(exc)}") from exc
-    paths = sorted(p for p in paths if not p.rsplit("/", 1)[-1].startswith("."))
+    paths = sorted(p for p in paths if not p.rsplit("/", 1)[-1].startswith((".", "_")))
     if not paths:
         raise StorageError(f"data.uri {uri}: no {fmt} shards found")
     return fs, paths
@@ -69,11 +79,16 @@ def scan_image_ids(fs: Any, shards: list[str], fmt: str, id_column: str = "image
     """
     ids: list[str] = []
     holders: dict[str, list[str]] = defaultdict(list)  # image_id -> shards holding it (one entry per record)
+    indexed = _indexed_keys(fs, shards) if fmt == "webdataset" else {}
     for shard in shards:
         try:
-            with fs.open(shard, "rb") as f:
-                found = (pq.read_table(f, columns=[id_column]).column(id_column).to_pylist() if fmt == "parquet"
-                         else _tar_keys(f, fs.size(shard)))
+            if shard in indexed:
+                found = indexed[shard]
+            elif fmt == "webdataset":
+                found = tar_sample_keys(fs, shard)
+            else:
+                with fs.open(shard, "rb") as f:
+                    found = pq.read_table(f, columns=[id_column]).column(id_column).to_pylist()
         except Exception as exc:  # noqa: BLE001 - storage or format: named with the shard either way
             raise ShardError(f"data.uri: shard {fs.unstrip_protocol(shard)} is unreadable ({describe(exc)}); "
                              "replace or remove it") from exc
@@ -93,22 +108,74 @@ def _refuse_duplicates(fs: Any, holders: Mapping[str, list[str]]) -> None:
                      "image_ids must be unique across all shards: rename or remove the duplicates")
 
 
-def _tar_keys(f: Any, size: int) -> list[str]:
-    """The WebDataset sample keys of a tar, in order, from its headers alone.
+def shard_stamp(info: Mapping[str, Any]) -> str:
+    """What changes when a shard is rewritten, from fsspec's ``info()``: its size and the content
+    hash its store reports (ETag, md5, crc32c, generation), else its modification time."""
+    return json.dumps(object_stamp(info), sort_keys=True)
 
-    Like Ray's reader, consecutive members with one key are one sample; a key that comes back after
-    another key is a second sample (a duplicate). A member whose data would end past the end of the
-    file means a truncated shard (OSError).
-    """
+
+def _indexed_keys(fs: Any, shards: list[str]) -> dict[str, list[str]]:
+    """Sample keys of the shards whose entry in the ``WDS_INDEX`` of their folder matches their
+    current :func:`shard_stamp`; a warning names the shards of an indexed folder left out."""
+    folders: dict[str, list[str]] = defaultdict(list)
+    for shard in shards:
+        folders[shard.rpartition("/")[0]].append(shard)
+    found: dict[str, list[str]] = {}
+    for folder, members in folders.items():
+        index_path = f"{folder}/{WDS_INDEX}"
+        try:
+            table = pq.read_table(pa.BufferReader(fs.cat_file(index_path)), columns=WDS_INDEX_SCHEMA.names)
+        except FileNotFoundError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - an unreadable index is not trusted, and said so
+            log.warning("data.uri: %s is unreadable (%s): reading the tar headers of its %d shards instead",
+                        fs.unstrip_protocol(index_path), describe(exc), len(members))
+            continue
+        entries = {row["shard"]: row for row in table.to_pylist()}
+        stale = []
+        for shard in members:
+            entry = entries.get(shard.rpartition("/")[2])
+            if entry is not None and entry["stamp"] == shard_stamp(fs.info(shard)):
+                found[shard] = entry["keys"]
+            else:
+                stale.append(shard.rpartition("/")[2])
+        if stale:
+            log.warning("data.uri: %s does not match %d shards (rewritten or added since it was written: %s): "
+                        "reading their tar headers instead; rewrite it with python -m jobs.make_shards --index-only %s",
+                        fs.unstrip_protocol(index_path), len(stale), ", ".join(stale[:DUPLICATES_SHOWN]),
+                        fs.unstrip_protocol(folder))
+    return found
+
+
+def wds_sample_keys(member_names: Iterable[str]) -> list[str]:
+    """The WebDataset sample keys of a tar's file members, in order. Like Ray's reader, consecutive
+    members with one key are one sample; a key that comes back after another key is a second
+    sample (a duplicate)."""
     keys: list[str] = []
-    with tarfile.open(fileobj=f, mode="r:") as tar:
-        for member in tar:
-            if member.offset_data + member.size > size:
-                raise OSError(f"truncated: member {member.name} ends at byte {member.offset_data + member.size} "
-                              f"of a {size}-byte file")
-            if member.isfile() and (not keys or keys[-1] != _wds_key(member.name)):
-                keys.append(_wds_key(member.name))
+    for name in member_names:
+        if not keys or keys[-1] != _wds_key(name):
+            keys.append(_wds_key(name))
     return keys
+
+
+def tar_sample_keys(fs: Any, shard: str) -> list[str]:
+    """:func:`wds_sample_keys` of the tar at ``shard``, from its headers alone."""
+    with fs.open(shard, "rb") as f:
+        return _tar_keys(f, fs.size(shard))
+
+
+def _tar_keys(f: Any, size: int) -> list[str]:
+    """:func:`wds_sample_keys` of a tar from its headers alone; a member whose data would end past
+    the end of the file means a truncated shard (OSError)."""
+    def file_members():
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if member.offset_data + member.size > size:
+                    raise OSError(f"truncated: member {member.name} ends at byte {member.offset_data + member.size} "
+                                  f"of a {size}-byte file")
+                if member.isfile():
+                    yield member.name
+    return wds_sample_keys(file_members())
 
 
 def _wds_key(name: str) -> str:

@@ -12,9 +12,12 @@ import shutil
 import uuid
 from collections.abc import Mapping
 
+from typing import TYPE_CHECKING, Any
+
 import fsspec
-import safetensors.torch
-import torch
+
+if TYPE_CHECKING:  # torch is imported where weights are read, not by every user of this module
+    import torch
 
 CHUNK = 1 << 22
 MAX_KEYS_SHOWN = 20
@@ -23,6 +26,20 @@ MAX_KEYS_SHOWN = 20
 def url_to_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path) for any fsspec URI or local path."""
     return fsspec.core.url_to_fs(uri)
+
+
+# Fields of fsspec's info() that identify an object's content (S3, GCS, Azure, HTTP) or version,
+# and, where a store reports none of those, its modification time.
+CONTENT_FIELDS = ("ETag", "etag", "md5Hash", "crc32c", "generation", "content_md5", "VersionId", "version_id")
+MTIME_FIELDS = ("mtime", "LastModified", "last_modified", "updated")
+
+
+def object_stamp(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What changes when an object is rewritten, from fsspec's ``info()``: its size and the content
+    hash or version its store reports, else its modification time (JSON-serialisable)."""
+    fields = [k for k in CONTENT_FIELDS if info.get(k) is not None] or \
+        [k for k in MTIME_FIELDS if info.get(k) is not None][:1]
+    return {"size": int(info["size"]), **{k: str(info[k]) for k in fields}}
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -87,6 +104,9 @@ def _download(fs: fsspec.AbstractFileSystem, path: str, dest: str) -> None:
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a torch.save'd flat state dict (weights_only=True:
     no arbitrary unpickling), on the CPU."""
+    import safetensors.torch
+    import torch
+
     if path.endswith(".safetensors"):
         return safetensors.torch.load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)

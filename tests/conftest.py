@@ -1,6 +1,7 @@
 """Shared fixtures: a real S3 server (moto's server mode on 127.0.0.1) and a local Ray."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -145,3 +146,89 @@ def _port_free(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+class RayNode:
+    """One ``ray start --block`` of this machine in its own process session, temp dir and ports;
+    :meth:`stop` kills that session (never ``ray stop``: other clusters on the machine live on)."""
+
+    def __init__(self, head_address: str | None = None, num_cpus: int = 2, resources: dict | None = None):
+        names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                 "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
+        if head_address is None:
+            names += ["port", "dashboard-port", "ray-client-server-port"]
+        ports = {name: free_port() for name in names}
+        low = free_port_range(40)
+        self.temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: unix socket paths are limited
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+                    "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+        role = (["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true"] if head_address is None
+                else [f"--address={head_address}"])
+        cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", *role, "--block",
+               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={self.temp}",
+               f"--min-worker-port={low}", f"--max-worker-port={low + 39}", "--disable-usage-stats",
+               *([f"--resources={json.dumps(resources)}"] if resources else []),
+               *(f"--{k}={v}" for k, v in ports.items())]
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.gcs = f"127.0.0.1:{ports['port']}" if head_address is None else head_address
+        self.dashboard = f"http://127.0.0.1:{ports['dashboard-port']}" if head_address is None else None
+        self._node_id: str | None = None
+
+    def raylet(self) -> int:
+        """The pid of this node's raylet (waits up to 120 s for it to start)."""
+        return self._raylet()[0]
+
+    @property
+    def node_id(self) -> str:
+        """This node's Ray node id (hex), from its raylet's command line."""
+        if self._node_id is None:
+            self._node_id = next(a.split("=", 1)[1] for a in self._raylet()[1] if a.startswith("--node_id="))
+        return self._node_id
+
+    def _raylet(self) -> tuple[int, list[str]]:
+        """(pid, command line) of the running raylet in this node's process session."""
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            for pid in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        comm, rest = f.read().rsplit(")", 1)
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        args = f.read().decode().split("\0")
+                except (OSError, ValueError):
+                    continue
+                session = int(rest.split()[3])
+                if comm.endswith("(raylet") and session == self.proc.pid and any(a.startswith("--node_id=") for a in args):
+                    return int(pid), args
+            time.sleep(0.5)
+        raise RuntimeError(f"no raylet in the session of ray start (pid {self.proc.pid})")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the session this node started: ray start and its children
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_two_nodes(s3_server):
+    """A 2-node Ray cluster on this machine: a head (3 CPUs, dashboard for ``ray job submit``) and a
+    second node (2 CPUs and the custom resource ``second_node``); yields (head, second) RayNodes.
+    The head alone holds 2 one-CPU actors and a decode task: a job that loses the second node
+    restarts its actor there and still has a CPU for the decode tasks it must redo."""
+    head = RayNode(num_cpus=3)
+    second = None
+    try:
+        head.node_id  # the head is up before the second node joins
+        second = RayNode(head.gcs, resources={"second_node": 1})
+        second.node_id
+        yield head, second
+    finally:
+        for node in (second, head):
+            if node is not None:
+                node.stop()

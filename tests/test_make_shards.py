@@ -83,8 +83,9 @@ def test_command_line(imagenet_folder, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"wrote 3 shards to {tmp_path / 'out'}"
-    uris = sorted(str(p) for p in (tmp_path / "out").iterdir())
-    assert [u.rsplit("/", 1)[-1] for u in uris] == ["val-00000.tar", "val-00001.tar", "val-00002.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_index.parquet", "val-00000.tar", "val-00001.tar",
+                                                                    "val-00002.tar"]  # the tars and their id index
+    uris = sorted(str(p) for p in (tmp_path / "out").glob("*.tar"))
     index = {cls: i for i, cls in enumerate(sorted(CLASSES))}
     labels = [int(data) for name, data in read_tar_shards(uris) if name.endswith(".cls")]
     assert labels == [label for _, label in expected_order(index)]

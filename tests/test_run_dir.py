@@ -23,7 +23,7 @@ def rows(keys, n=5) -> pa.Table:
         "run_id": ["r"] * k, "image_id": [i for i, _ in keys], "label": [1] * k, "sigma": [s for _, s in keys],
         "n0": [n] * k, "n": [n] * k, "counts0_classes": cls, "counts0_values": val, "counts_classes": cls,
         "counts_values": val, "num_classes": [3] * k, "pred_clean": [0] * k, "timestep": [1] * k, "seed": [0] * k,
-        "denoiser_id": ["d"] * k, "classifier_id": ["c"] * k, "worker": ["w"] * k, "seconds": [0.1] * k,
+        "denoiser_id": ["d"] * k, "classifier_id": ["c"] * k, "worker": ["w"] * k, "seconds": [0.1] * k, "look": [None] * k,
     }, schema=COUNTS_SCHEMA)
 
 
@@ -65,7 +65,7 @@ def test_a_stray_file_in_counts_is_an_error_naming_it_everywhere(store, stray):
     store.write_counts(rows([("a", 0.5)]))
     store.put(f"{store.counts_dir}/{stray}", pq_bytes(rows([("b", 0.5)])))
     named = f"{store.uri()}/counts/{stray.split('/')[0]}"
-    for listing in (store.done_keys, store.compact_duplicates, lambda: resolve_run(store.uri()),
+    for listing in (store.done_keys, store.compact, lambda: resolve_run(store.uri()),
                     lambda: resolve_run(f"{store.uri()}/counts")):
         with pytest.raises(RunDirectoryError, match=named):
             listing()
@@ -91,22 +91,23 @@ def test_errors_one_file_per_image(store):
     assert store.error_ids() == {"x", "y"} and len(store.error_files()) == 2
 
 
-def test_compact_duplicates_leaves_each_key_once(store):
+def test_compact_leaves_each_key_once_in_sorted_files_of_target_rows(store):
     a = store.write_counts(rows([("a", 0.25), ("b", 0.25)]))
     b = store.write_counts(rows([("b", 0.25), ("c", 0.25)]))  # overlaps a on one key
-    c = store.write_counts(rows([("d", 0.25)]))
+    c = store.write_counts(rows([("d", 0.25)]))  # exactly the last 1-row file of the result: kept as it is
     e = store.write_counts(rows([("a", 0.25)]))  # contained in a
-    assert store.compact_duplicates() == 3
+    scan, merged = store.compact(target_rows=3)
+    assert merged == 4
     per_file = store.file_keys()
-    assert c in per_file and a not in per_file and b not in per_file and e not in per_file
+    assert per_file == scan.counts and c in per_file and a not in per_file and b not in per_file and e not in per_file
     all_keys = [k for keys in per_file.values() for k in keys]
     assert sorted(all_keys) == [("a", 0.25), ("b", 0.25), ("c", 0.25), ("d", 0.25)]
     merged = [p for p in per_file if p != c][0]
     with store.fs.open(merged, "rb") as f:
         table = pq.read_table(f)
     expected = rows([("a", 0.25), ("b", 0.25), ("c", 0.25)])
-    assert table.sort_by("image_id").to_pylist() == expected.to_pylist()
-    assert store.compact_duplicates() == 0
+    assert table.to_pylist() == expected.to_pylist()  # rows sorted by (image_id, sigma)
+    assert store.compact(target_rows=3)[1] == 0
 
 
 def test_manifest_round_trip(store):
@@ -129,7 +130,8 @@ def test_names_of_different_key_sets_never_collide(store):
     store.write_counts(rows(first))
     store.write_counts(rows(second))
     assert store.done_keys() == set(first) | set(second) and len(store.counts_files()) == 2
-    assert store.compact_duplicates() == 0
+    scan, merged = store.compact()  # two small files sharing no key: merged into one, every row kept
+    assert merged == 2 and sorted(scan.done) == sorted(first + second) and len(store.counts_files()) == 1
 
 
 def test_an_unreadable_counts_or_error_file_is_named_with_what_to_do(store):
@@ -164,3 +166,15 @@ def test_stale_temporary_files_are_removed_fresh_ones_kept(tmp_path):
     assert store.remove_stale_temporaries() == 3
     assert not any(os.path.exists(p) for p in stale) and all(os.path.exists(p) for p in fresh)
     assert store.done_keys() == {("a", 0.5)} and store.error_ids() == {"x"}
+
+
+def test_forget_removes_only_those_images_rows(store):
+    """forget: the rows of the named images go (every sigma), every other row stays exactly once."""
+    store.write_counts(rows([("a", 0.25), ("a", 0.5), ("b", 0.25)]))
+    store.write_counts(rows([("b", 0.5), ("c", 0.25)]))
+    store.write_counts(rows([("d", 0.25)]))
+    before = store.done_keys()
+    assert store.forget({"b", "zz"}) == 2
+    assert store.done_keys() == before - {("b", 0.25), ("b", 0.5)}
+    assert sum(len(k) for k in store.file_keys().values()) == 4  # nothing duplicated
+    assert store.forget(["a", "c", "d"]) == 4 and store.done_keys() == set() and store.counts_files() == []

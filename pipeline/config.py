@@ -63,11 +63,22 @@ def nonneg_int(key: str, v: Any) -> int:
     return v
 
 
-def nonneg_number(key: str, v: Any) -> float:
-    """A finite number >= 0 (NaN and inf are refused)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
-        _fail(key, "must be a finite number >= 0", v)
-    return float(v)
+def number_in(low: float, high: float, brackets: str = "()", message: str | None = None) -> Check:
+    """A number (not a bool) from ``low`` to ``high``, each end closed ("[", "]") or open ("(",
+    ")") as ``brackets`` says; NaN is in no interval, and an open infinite end refuses inf. The
+    message states the interval unless ``message`` words it."""
+    what = message or f"must be a number in {brackets[0]}{low:g}, {high:g}{brackets[1]}"
+
+    def check(key: str, v: Any) -> float:
+        number = not isinstance(v, bool) and isinstance(v, (int, float))
+        if not (number and (low <= v if brackets[0] == "[" else low < v) and (v <= high if brackets[1] == "]" else v < high)):
+            _fail(key, what, v)
+        return float(v)
+    return check
+
+
+INF = float("inf")
+nonneg_number = number_in(0, INF, "[)", "must be a finite number >= 0")
 
 
 def boolean(key: str, v: Any) -> bool:
@@ -94,29 +105,10 @@ def choice(*options: str) -> Check:
     return check
 
 
-def open_unit(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-        _fail(key, "must be a number in (0, 1)", v)
-    return float(v)
-
-
-def half_to_one(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.5 <= v < 1:
-        _fail(key, "must be a number in [0.5, 1)", v)
-    return float(v)
-
-
-def zero_to_one(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
-        _fail(key, "must be a number in [0, 1)", v)
-    return float(v)
-
-
-def positive_number(key: str, v: Any) -> float:
-    """A finite number > 0."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
-        _fail(key, "must be a positive number", v)
-    return float(v)
+open_unit = number_in(0, 1)
+half_to_one = number_in(0.5, 1, "[)")
+zero_to_one = number_in(0, 1, "[)")
+positive_number = number_in(0, INF, "()", "must be a positive number")
 
 
 def int_at_least(low: int) -> Check:
@@ -166,22 +158,9 @@ def radius_grid(key: str, v: Any) -> tuple[float, ...]:
     return tuple(sorted(float(r) for r in v))
 
 
-def above_one(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1 < v < float("inf"):
-        _fail(key, "must be a finite number > 1", v)
-    return float(v)
-
-
-def zero_to_half(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 0.5:
-        _fail(key, "must be a number in [0, 0.5)", v)
-    return float(v)
-
-
-def unit_share(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-        _fail(key, "must be a number in (0, 1]", v)
-    return float(v)
+above_one = number_in(1, INF, "()", "must be a finite number > 1")
+zero_to_half = number_in(0, 0.5, "[)")
+unit_share = number_in(0, 1, "(]")
 
 
 def sampling_rules(check: Check) -> Check:

@@ -13,12 +13,13 @@ and, on a known GPU, the fraction of its dense bf16 peak. With ``--ray`` the mea
 a Ray task (with one GPU when the cluster has GPUs).
 
     python -m jobs.benchmark --time-to-table [--images 24] [--n0 100] [--n 1000] [--set key=value ...]
-    python -m jobs.benchmark --sweep [--device cpu]
+    python -m jobs.benchmark --sweep [--device cpu] [--work-samples 1000000]
 
 ``--time-to-table``: wall time from shards to the certified-accuracy table for the same images,
 models, sigmas, n0, n and alpha: (a) the reference loop, (b) this project in full mode, (c) in
 cascade mode, ratios and the tables printed (pipeline.time_to_table). ``--sweep``: the
-device-settings sweep on the demo's models (pipeline.device_settings).
+device-settings sweep on the demo's models (pipeline.device_settings) for a run in which one actor
+draws ``--work-samples`` samples (compiled settings are measured when that work is long).
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-to-table", action="store_true",
                    help="time shards -> certified table: reference loop, full mode, cascade mode (demo models)")
     p.add_argument("--sweep", action="store_true", help="print the device-settings sweep on the demo's models")
+    p.add_argument("--work-samples", type=float, default=1e6,
+                   help="--sweep: samples one actor would draw (compiled settings are measured for long runs)")
     p.add_argument("--work-dir", default=None, help="--time-to-table: folder for shards and runs (default: a temp dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="--time-to-table: override a configs/demo.yaml value (both paths)")
@@ -90,8 +93,8 @@ def run_sweep(args: argparse.Namespace) -> list[str]:
     model, shape = demo_model(cfg), (3, cfg.data["resolution"], cfg.data["resolution"])
     auto = {"dtype": "auto", "channels_last": "auto", "compile": "auto", "batch_size": "auto"}
     lines = [f"device settings sweep on {device} (demo models, {shape[1]}x{shape[2]}):",
-             *sweep_lines(model, device, shape, auto),
-             "resolved: " + resolve_device_settings(auto, device, model, shape).reason]
+             *sweep_lines(model, device, shape, auto, args.work_samples),
+             "resolved: " + resolve_device_settings(auto, device, model, shape, args.work_samples).reason]
     for line in lines:
         print(line, flush=True)
     return lines

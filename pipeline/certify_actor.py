@@ -16,8 +16,10 @@ being certified is the model run in that precision, the same for every row.
 
 The rows name the weights: ``classifier_id`` is ``{timm name}@sha256:{first 16 hex}`` and
 ``denoiser_id`` ``{uri}@sha256:{first 16 hex}`` of the files the actor loaded (the bare name or
-URI for randomly initialised weights). :func:`probe_models` loads both models as an actor would,
-so that the driver can refuse a model that cannot load before any data flows.
+URI for randomly initialised weights; per-sigma classifiers: the sha256 of all their files;
+``denoiser_id`` and ``timestep`` null without a denoiser). :func:`probe_models` loads every
+model as an actor would, so that the driver can refuse a model that cannot load before any data
+flows.
 """
 from __future__ import annotations
 
@@ -37,9 +39,7 @@ from pipeline.certification import SparseCounts, cascade_stage_outcome, walk_cas
 from pipeline.counts_schema import COUNTS_SCHEMA
 from pipeline.device_settings import DeviceSettings, resolve_device_settings
 from pipeline.images import to_float_chw
-from pipeline.models.classifier import load_classifier
-from pipeline.models.denoiser import load_denoiser
-from pipeline.models.factory import create_denoise_classify, model_checksums
+from pipeline.models.factory import create_denoise_classify, model_checksums, model_loaders
 from pipeline.run_dir import RunDirectory
 from pipeline.sampling import MonteCarloSampler, SampleCounts, SequentialCounts
 from pipeline.sequential import PairStopRule, sequential_plan, sequential_stage_outcome
@@ -69,7 +69,8 @@ class CertifyActor:
         self.store = RunDirectory(config["output"]["uri"], config["output"]["run_id"])
         self.meta = {"run_id": config["output"]["run_id"], "num_classes": self.sampler.num_classes,
                      "seed": self.smoothing["seed"], "n0": self.smoothing["n0"],
-                     "denoiser_id": weights_tag(models["denoiser"]["uri"], checksums["denoiser"]),
+                     "denoiser_id": (weights_tag(models["denoiser"]["uri"], checksums["denoiser"])
+                                     if models["denoiser"] is not None else None),
                      "classifier_id": weights_tag(models["classifier"]["name"], checksums["classifier"]),
                      "worker": f"{socket.gethostname()}@{ray.get_runtime_context().get_node_id()[:8]}:{os.getpid()}"}
 
@@ -146,7 +147,7 @@ class CertifyActor:
                           pa.int64()),
             "look": (pa.array(out.stopped_look.reshape(total), pa.int64()) if isinstance(out, SequentialCounts)
                      else pa.nulls(total, pa.int64())),
-            "timestep": pa.array(np.tile(out.timesteps, num).astype(np.int64)),
+            "timestep": pa.array(np.tile(out.timesteps, num).astype(np.int64), mask=np.tile(out.timesteps < 0, num)),
             "seconds": pa.array(np.full(total, part.seconds)),
         }
         columns.update({k: pa.array([v] * total, COUNTS_SCHEMA.field(k).type) for k, v in self.meta.items()})
@@ -163,25 +164,24 @@ def weights_tag(name: str | None, checksums: Mapping[str, str]) -> str:
     return f"{name}@sha256:{digest[:16]}"
 
 
-def probe_models(config: Mapping[str, Any], recorded: Mapping[str, Any] | None) -> tuple[str | None, dict | None]:
-    """Load the denoiser and the classifier as :class:`CertifyActor` does (same cache, run as a Ray
+def probe_models(config: Mapping[str, Any], recorded: Mapping[str, Any] | None,
+                 work_samples: float | None = None) -> tuple[str | None, dict | None]:
+    """Load each model (:func:`pipeline.models.factory.model_loaders`: the denoiser if any, the
+    classifier or each per-sigma classifier) as :class:`CertifyActor` does (same cache, run as a Ray
     task with the actor's resources) and resolve the run's device settings there.
 
-    Returns (None, settings record) when both load: ``recorded`` (an earlier attempt's, from the
+    Returns (None, settings record) when all load: ``recorded`` (an earlier attempt's, from the
     manifest) as it is, else :func:`resolve_device_settings` on this device with the real model
-    (``auto`` values measured). Else (one line: the config key, the URI and the cause, resolution
-    mismatches included; None)."""
+    (``auto`` values measured; ``work_samples``, the samples one actor draws at most, decides
+    whether compiled settings are worth measuring on CPU). Else (one line: the config key, the URI
+    and the cause, resolution mismatches included; None)."""
     models = config["models"]
-    loaded = {}
-    steps = (("models.denoiser.uri", "denoiser",
-              lambda: load_denoiser(models["denoiser"], models["cache_dir"]).check_resolution(config["data"]["resolution"])),
-             ("models.classifier.uri", "classifier", lambda: load_classifier(models["classifier"], models["cache_dir"])))
-    for key, part, load in steps:
+    for key, source, load in model_loaders(models, config["data"]["resolution"]):
         try:
-            loaded[part] = load()
+            load()
         except Exception as exc:  # noqa: BLE001 - reported to the driver as one line
             cause = " ".join(f"{type(exc).__name__}: {exc}".split())
-            return f"{key} {models[part].get('uri') or models[part].get('name')}: {cause}", None
+            return f"{key} {source}: {cause}", None
     if recorded is not None:
         return None, dict(recorded)
     compute = config["compute"]
@@ -189,7 +189,7 @@ def probe_models(config: Mapping[str, Any], recorded: Mapping[str, Any] | None) 
     model = create_denoise_classify(models["denoiser"], models["classifier"], models["cache_dir"],
                                     resolution=config["data"]["resolution"])
     resolution = config["data"]["resolution"]
-    settings = resolve_device_settings(compute, actor_device(compute), model, (3, resolution, resolution))
+    settings = resolve_device_settings(compute, actor_device(compute), model, (3, resolution, resolution), work_samples)
     return None, settings.record()
 
 

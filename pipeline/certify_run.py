@@ -64,7 +64,8 @@ def run_certification(cfg: Config) -> dict:
     with ray_session():  # the running Ray, the cluster of `ray job submit`, or an embedded local one
         check_resources(c)  # a request that no node can ever hold fails now, naming the compute.* keys
         probe = ray.remote(probe_models).options(num_cpus=c["cpus_per_actor"], num_gpus=c["gpus_per_actor"])
-        failure, settings = ray.get(probe.remote(cfg.to_dict(), recorded_device_settings(store, c)))
+        work_samples = total * len(s["sigmas"]) * (s["n0"] + s["n"]) / c["actors"]  # per actor, at most
+        failure, settings = ray.get(probe.remote(cfg.to_dict(), recorded_device_settings(store, c), work_samples))
         if failure is not None:
             raise ModelLoadError(f"{failure} (checked before the run: nothing was certified)")
         record_device_settings(store, settings)

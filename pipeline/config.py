@@ -201,6 +201,64 @@ def mapping(key: str, v: Any) -> dict:
     return dict(v)
 
 
+def per_sigma_uris(key: str, v: Any) -> dict[str, str]:
+    """``{sigma: weights uri}``, a model per noise level: every key a noise level (a finite
+    number > 0, or a string that reads as one), none twice, every value a non-empty string.
+    Returned ascending by sigma with the keys written as ``str(float(sigma))`` ("0.25", "1.0"),
+    so that the mapping reads the same after a JSON round trip (the manifest); the keys must be
+    ``smoothing.sigmas`` exactly (:func:`check_per_sigma_models`)."""
+    if not isinstance(v, Mapping) or not v:
+        _fail(key, "must be a non-empty mapping {sigma: weights uri}", v)
+    out: dict[str, str] = {}
+    for level, uri in v.items():
+        sigma = _noise_level(level)
+        if sigma is None:
+            raise ConfigError(f"{key}.{level}: not a noise level (a finite number > 0)")
+        name = str(sigma)
+        if name in out:
+            raise ConfigError(f"{key}.{name}: given twice")
+        out[name] = string(f"{key}.{name}", uri)
+    return dict(sorted(out.items(), key=lambda item: float(item[0])))
+
+
+def _noise_level(v: Any) -> float | None:
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            return None
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < INF
+    return float(v) if ok else None
+
+
+def check_per_sigma_models(models: Mapping[str, Any], smoothing: Mapping[str, Any]) -> None:
+    """The rule between the models and smoothing sections: ``models.classifier.per_sigma``, when
+    given, has a classifier for every one of ``smoothing.sigmas`` and for nothing else
+    (ConfigError naming the key ``models.classifier.per_sigma.<sigma>``)."""
+    per_sigma = models["classifier"]["per_sigma"]
+    if per_sigma is None:
+        return
+    key, sigmas = "models.classifier.per_sigma", [str(float(s)) for s in smoothing["sigmas"]]
+    for name in sigmas:
+        if name not in per_sigma:
+            raise ConfigError(f"{key}.{name}: required: smoothing.sigmas has {name} (the keys must be "
+                              f"smoothing.sigmas exactly: {', '.join(sigmas)})")
+    for name in per_sigma:
+        if name not in sigmas:
+            raise ConfigError(f"{key}.{name}: not one of smoothing.sigmas ({', '.join(sigmas)})")
+
+
+def model_uris(models: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(config key, uri) of every weights file or folder a resolved ``models`` section names:
+    ``models.denoiser.uri`` (none without a denoiser), then ``models.classifier.uri`` or each
+    ``models.classifier.per_sigma.<sigma>``."""
+    denoiser, classifier = models["denoiser"], models["classifier"]
+    uris = [("models.denoiser.uri", denoiser["uri"])] if denoiser is not None and denoiser["uri"] is not None else []
+    if classifier.get("per_sigma") is not None:
+        return uris + [(f"models.classifier.per_sigma.{name}", uri) for name, uri in classifier["per_sigma"].items()]
+    return uris + ([("models.classifier.uri", classifier["uri"])] if classifier["uri"] is not None else [])
+
+
 def section(fields: Mapping[str, tuple[Any, Check]]) -> Check:
     """Check a nested mapping against ``{name: (default or REQUIRED, check)}``."""
     def check(key: str, v: Any) -> dict:
@@ -225,14 +283,17 @@ def auto_or(check: Check) -> Check:
     return lambda key, v: v if v == "auto" else check(key, v)
 
 
-def one_weight_source(check: Check, flags: Sequence[str]) -> Check:
-    """``check`` (a model's section), then exactly one weight source: ``uri`` or one of the
-    boolean ``flags`` set true (e.g. ``random_weights``); never a silent random default."""
+def one_weight_source(check: Check, flags: Sequence[str], values: Sequence[str] = ()) -> Check:
+    """``check`` (a model's section), then exactly one weight source: ``uri``, one of the other
+    ``values`` keys given (e.g. ``per_sigma``) or one of the boolean ``flags`` set true (e.g.
+    ``random_weights``); never a silent random default."""
     def checked(key: str, v: Any) -> dict:
         out = check(key, v)
-        given = [f"{key}.uri"] * (out["uri"] is not None) + [f"{key}.{flag}" for flag in flags if out[flag]]
+        given = [f"{key}.{name}" for name in ("uri", *values) if out[name] is not None]
+        given += [f"{key}.{flag}" for flag in flags if out[flag]]
         if not given:
-            raise ConfigError(f"{key}.uri: required (or {' or '.join(f'{key}.{f}: true' for f in flags)})")
+            others = [f"{key}.{name}" for name in values] + [f"{key}.{flag}: true" for flag in flags]
+            raise ConfigError(f"{key}.uri: required (or {' or '.join(others)})")
         if len(given) > 1:
             raise ConfigError(f"{given[1]}: cannot be combined with {given[0]}: the weights come from one source")
         return out
@@ -255,21 +316,26 @@ SCHEMA: dict[str, Check] = {
         "interpolation": ("bicubic", choice("bicubic", "bilinear", "lanczos", "nearest")),
     }),
     "models": section({
-        # weights: exactly one of uri, random_weights: true (and, classifier, pretrained: true)
-        "denoiser": (REQUIRED, one_weight_source(section({
+        # weights: exactly one of uri, random_weights: true (and, classifier, pretrained: true or
+        # per_sigma). denoiser: null (given explicitly) classifies the noisy image itself (Cohen et al.)
+        "denoiser": (REQUIRED, optional(one_weight_source(section({
             "uri": (None, optional(string)), "random_weights": (False, boolean),
             "preset": (None, optional(string)),
             "adm_config": (None, optional(mapping)), "schedule": (None, optional(mapping)),
             # where the data.resolution image sits in the UNet's input (pipeline.models.denoiser)
             "input": (None, section({
                 "mode": ("direct", choice("direct", "reflect_pad")),
-                "size": (None, optional(image_side))}))}), ("random_weights",))),
+                "size": (None, optional(image_side))}))}), ("random_weights",)))),
         "classifier": (REQUIRED, one_weight_source(section({
             "name": (REQUIRED, string), "num_classes": (REQUIRED, positive_int),
-            "format": ("timm", choice("timm", "hf-vit")),   # weights layout (pipeline.models.classifier)
-            "uri": (None, optional(string)), "pretrained": (False, boolean), "random_weights": (False, boolean),
+            # weights layout (pipeline.models.classifier)
+            "format": ("timm", choice("timm", "hf-vit", "cohen", "jeong-shin-clip")),
+            "uri": (None, optional(string)),
+            # {sigma: uri}: one classifier per noise level, same name and format (keys: smoothing.sigmas)
+            "per_sigma": (None, optional(per_sigma_uris)),
+            "pretrained": (False, boolean), "random_weights": (False, boolean),
             "model_kwargs": (None, optional(mapping)), "input_size": (None, optional(input_size))}),
-            ("pretrained", "random_weights"))),
+            ("pretrained", "random_weights"), ("per_sigma",))),
         "cache_dir": (None, optional(string)),
     }),
     "smoothing": sampling_rules(section({
@@ -382,7 +448,9 @@ def validate_sections(raw: Any, schema: Mapping[str, Check], require_all: bool =
 
 def validate(raw: Any) -> Config:
     """Validate a raw mapping (as parsed from YAML) into a :class:`Config`."""
-    return Config(**validate_sections(raw, SCHEMA))
+    sections = validate_sections(raw, SCHEMA)
+    check_per_sigma_models(sections["models"], sections["smoothing"])
+    return Config(**sections)
 
 
 def apply_override(raw: dict, assignment: str) -> None:

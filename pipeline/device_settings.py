@@ -11,12 +11,17 @@ accept ``auto`` (the default). :func:`resolve_device_settings` turns them into o
   doubling probe of the real model; ``CUDA_DEFAULT_BATCH`` without a model).
 * CPU: measured. A few forward passes of the real model (through :class:`MonteCarloSampler`,
   so noise, indexing and counting are included) at float32 / bfloat16 x channels_last on / off
-  at batch 128, then the fastest of those at batch 64 and 256; the fastest setting wins. The
-  sweep takes a few seconds. ``compile`` is never chosen automatically on CPU: compiling the
-  demo's denoiser + classifier took ~100 s per process (every actor, every shape), which a
-  measured 1.1-1.6x pays back only in runs of well over ten minutes per actor; set
-  ``compute.compile: true`` for those. Without a model: float32, contiguous, batch 128 (the
-  measured winners on the 2-core reference machine).
+  at batch 128, then the fastest of those at batch 64 and 256. The sweep takes a few seconds.
+  ``torch.compile`` is measured too when the run is long enough to pay for it: when one actor's
+  work (``work_samples``, the run's sample budget per actor) at the fastest eager speed is at
+  least :data:`CPU_COMPILE_MIN_WORK_S`, one compiled candidate is timed, compile included:
+  bfloat16 where the CPU computes it natively (oneDNN's bf16 support: AVX512-BF16 / AMX), else
+  float32 (contiguous, the eager winner's batch; inductor picks its own memory formats). The
+  setting that finishes that work first wins, the compile counted once. On the 2-core reference
+  machine (demo models, quiet): float32 eager 2,400 samples/s, float32 compiled 3,100, bfloat16
+  compiled 4,300 (1.8x), bfloat16 eager 120; a cold compile takes ~40 s, ~8 s with inductor's
+  on-disk cache warm (the probe warms it for the actors on its node). Without a model: float32,
+  contiguous, eager, batch 128.
 
 Reduced precision changes the function being certified (the base classifier is the model run in
 that precision): the certificate holds for the function that was run, which the manifest records.
@@ -40,6 +45,7 @@ CUDA_DEFAULT_BATCH = 512
 CUDA_PROBE_START = 128
 MAX_CUDA_BATCH = 4096
 PROBE_SIGMA = 0.5                  # the sigma of the probe's samples (cost does not depend on it)
+CPU_COMPILE_MIN_WORK_S = 240.0     # eager seconds of work per actor from which compiled settings are measured
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,15 @@ class Measurement:
     channels_last: bool
     batch_size: int
     samples_per_s: float
+    compile: bool = False
+    warmup_s: float = 0.0          # the first call: the compile, for a compiled setting
 
     def label(self) -> str:
-        return f"{self.dtype}, {layout(self.channels_last)}, batch {self.batch_size}"
+        return f"{self.dtype}, {layout(self.channels_last)}, {'compiled' if self.compile else 'eager'}, batch {self.batch_size}"
+
+    def seconds_for(self, samples: float) -> float:
+        """Projected seconds to draw ``samples``, a compiled setting's compile included."""
+        return (self.warmup_s if self.compile else 0.0) + samples / self.samples_per_s
 
 
 def layout(channels_last: bool) -> str:
@@ -81,10 +93,12 @@ def explicit_settings(compute_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def resolve_device_settings(compute_cfg: Mapping[str, Any], device: torch.device | str,
                             model: torch.nn.Module | None = None,
-                            sample_shape: Sequence[int] | None = None) -> DeviceSettings:
+                            sample_shape: Sequence[int] | None = None,
+                            work_samples: float | None = None) -> DeviceSettings:
     """The settings for ``device`` (module docstring): explicit config values, the rest by policy
     (CUDA) or measured on ``model`` at ``sample_shape`` ([3, H, W]; default: the denoiser's
-    training size) (CPU). ``model`` is moved to ``device`` when measured."""
+    training size) (CPU). ``work_samples``: the samples one actor will draw at most (None: unknown,
+    compiled settings are not measured). ``model`` is moved to ``device`` when measured."""
     device = torch.device(device)
     fixed = explicit_settings(compute_cfg)
     if len(fixed) == len(SETTING_KEYS):
@@ -97,42 +111,70 @@ def resolve_device_settings(compute_cfg: Mapping[str, Any], device: torch.device
                                                + _explicit_note(fixed))
     shape = tuple(sample_shape) if sample_shape is not None else (3, model.denoiser.image_size, model.denoiser.image_size)
     start = time.perf_counter()
-    sweep = measure_cpu_sweep(model, device, shape, fixed)
-    best = max(sweep, key=lambda m: m.samples_per_s)
+    sweep = measure_cpu_sweep(model, device, shape, fixed, work_samples)
+    best = fastest(sweep, work_samples)
     first = sweep[0]
     chosen = {"dtype": best.dtype, "channels_last": best.channels_last,
-              "compile": fixed.get("compile", False), "batch_size": best.batch_size}
+              "compile": fixed.get("compile", best.compile), "batch_size": best.batch_size}
     reason = (f"cpu: {_describe(chosen)}: {best.samples_per_s / first.samples_per_s:.2f}x {first.label()} "
-              f"(measured {len(sweep)} settings in {time.perf_counter() - start:.1f} s)" + _explicit_note(fixed))
+              f"(measured {len(sweep)} settings in {time.perf_counter() - start:.1f} s"
+              + (f"; compiled ones for {work_samples:,.0f} samples per actor" if any(m.compile for m in sweep) else "")
+              + ")" + _explicit_note(fixed))
     return DeviceSettings(**chosen, reason=reason)
 
 
+def fastest(sweep: Sequence[Measurement], work_samples: float | None) -> Measurement:
+    """The measurement that draws ``work_samples`` first (compile included); the highest
+    samples/s when the work is unknown."""
+    if work_samples is None:
+        return max(sweep, key=lambda m: m.samples_per_s)
+    return min(sweep, key=lambda m: m.seconds_for(work_samples))
+
+
 def measure_cpu_sweep(model: torch.nn.Module, device: torch.device, shape: tuple[int, ...],
-                      fixed: Mapping[str, Any], passes: int = 2) -> list[Measurement]:
+                      fixed: Mapping[str, Any], work_samples: float | None = None,
+                      passes: int = 2) -> list[Measurement]:
     """Samples/s of each candidate (dtype x layout at :data:`CPU_PROBE_BATCH`, then the fastest at
-    each of :data:`CPU_BATCHES`), explicit values held fixed; the first entry is the reference
-    (float32, channels_last where free). Each candidate: one warm-up batch, then ``passes`` batches."""
+    each of :data:`CPU_BATCHES`; then, when ``work_samples`` at that speed takes at least
+    :data:`CPU_COMPILE_MIN_WORK_S`, one compiled candidate at that batch: module docstring),
+    explicit values held fixed
+    (an explicit ``compile`` is not measured: the eager sweep picks the rest); the first entry is
+    the reference (float32, channels_last where free). Each candidate: one warm-up batch (timed:
+    the compile), then ``passes`` batches."""
     dtypes = [fixed["dtype"]] if "dtype" in fixed else ["float32", "bfloat16"]
     layouts = [fixed["channels_last"]] if "channels_last" in fixed else [True, False]
     probe_batch = fixed.get("batch_size", CPU_PROBE_BATCH)
     image = torch.rand((1, *shape), generator=torch.Generator().manual_seed(0))
     sweep = [_measure(model, device, image, dt, cl, probe_batch, passes) for dt, cl in itertools.product(dtypes, layouts)]
+    best = max(sweep, key=lambda m: m.samples_per_s)
     if "batch_size" not in fixed:
-        best = max(sweep, key=lambda m: m.samples_per_s)
         sweep += [_measure(model, device, image, best.dtype, best.channels_last, b, passes)
                   for b in CPU_BATCHES if b != probe_batch]
+        best = max(sweep, key=lambda m: m.samples_per_s)
+    if "compile" not in fixed and work_samples is not None and work_samples / best.samples_per_s >= CPU_COMPILE_MIN_WORK_S:
+        dtype = fixed.get("dtype", "bfloat16" if native_bf16() else "float32")
+        sweep.append(_measure(model, device, image, dtype, fixed.get("channels_last", False), best.batch_size,
+                              passes, compile=True))
     return sweep
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _measure(model: torch.nn.Module, device: torch.device, image: torch.Tensor, dtype: str, channels_last: bool,
-             batch_size: int, passes: int) -> Measurement:
+             batch_size: int, passes: int, compile: bool = False) -> Measurement:
     from pipeline.sampling import MonteCarloSampler
 
-    sampler = MonteCarloSampler(model, batch_size, dtype, str(device), compile=False, channels_last=channels_last)
-    sampler.sample(image, ["device-probe"], [PROBE_SIGMA], 0, batch_size, seed=0)  # warm-up
+    sampler = MonteCarloSampler(model, batch_size, dtype, str(device), compile=compile, channels_last=channels_last)
+    start = time.perf_counter()
+    sampler.sample(image, ["device-probe"], [PROBE_SIGMA], 0, batch_size, seed=0)  # warm-up (the compile)
+    warmup = time.perf_counter() - start
     start = time.perf_counter()
     sampler.sample(image, ["device-probe"], [PROBE_SIGMA], 0, batch_size * passes, seed=1)
-    return Measurement(dtype, channels_last, batch_size, batch_size * passes / (time.perf_counter() - start))
+    return Measurement(dtype, channels_last, batch_size, batch_size * passes / (time.perf_counter() - start),
+                       compile, warmup)
 
 
 def _cuda_settings(fixed: Mapping[str, Any], device: torch.device, model: torch.nn.Module | None,
@@ -182,14 +224,15 @@ def _explicit_note(fixed: Mapping[str, Any]) -> str:
 
 
 def sweep_lines(model: torch.nn.Module, device: torch.device | str, sample_shape: Sequence[int],
-                compute_cfg: Mapping[str, Any] | None = None) -> list[str]:
+                compute_cfg: Mapping[str, Any] | None = None, work_samples: float | None = None) -> list[str]:
     """The CPU sweep as printable lines (one per measured setting, its speed relative to the
-    first, the fastest marked ``*``); on CUDA the policy's reason (nothing is swept)."""
+    first and its first call, the one that draws ``work_samples`` first marked ``*``); on CUDA the
+    policy's reason (nothing is swept)."""
     device = torch.device(device)
     cfg = compute_cfg or {}
     if device.type == "cuda":
-        return [resolve_device_settings(cfg, device, model, sample_shape).reason]
-    sweep = measure_cpu_sweep(model, device, tuple(sample_shape), explicit_settings(cfg))
-    best = max(sweep, key=lambda m: m.samples_per_s)
-    return [f"{'*' if m is best else ' '} {m.label():40s} {m.samples_per_s:9.1f} samples/s "
-            f"({m.samples_per_s / sweep[0].samples_per_s:.2f}x)" for m in sweep]
+        return [resolve_device_settings(cfg, device, model, sample_shape, work_samples).reason]
+    sweep = measure_cpu_sweep(model, device, tuple(sample_shape), explicit_settings(cfg), work_samples)
+    best = fastest(sweep, work_samples)
+    return [f"{'*' if m is best else ' '} {m.label():50s} {m.samples_per_s:9.1f} samples/s "
+            f"({m.samples_per_s / sweep[0].samples_per_s:.2f}x; first call {m.warmup_s:.1f} s)" for m in sweep]

@@ -22,7 +22,7 @@ from pipeline.shard_writer import make_shards
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 DEMO_MODELS = REPO / "configs" / "demo" / "models"   # classifier.safetensors, denoiser/, denoiser-finetuned/
-DEMO_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+DEMO_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5)
 
 SIZE = 16                      # certification resolution (digits are 8x8)
 NUM_CLASSES = 10

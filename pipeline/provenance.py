@@ -12,8 +12,8 @@ Guarantees:
   is rewritten.
 * :func:`open_run` refuses (``ConfigError`` naming ``output.run_id`` and every differing key) to
   resume a run whose manifest records different data/models/smoothing settings, or other weights
-  behind the same model URIs (naming ``models.denoiser.uri`` / ``models.classifier.uri`` and both
-  sha256 prefixes); the recorded identity is never replaced. A manifest written before weights
+  behind the same model URIs (naming ``models.denoiser.uri`` / ``models.classifier.uri`` /
+  ``models.classifier.per_sigma.<sigma>`` and both sha256 prefixes); the recorded identity is never replaced. A manifest written before weights
   were recorded gets them recorded at the first resume.
 * :class:`ModelLoadError` is what the run raises (one line: the key, the URI, the cause) when the
   actors could not load a model (:func:`pipeline.certify_actor.probe_models`), before any data flows.
@@ -30,16 +30,13 @@ import subprocess
 import time
 from typing import Any, Mapping
 
-from pipeline.config import Config, ConfigError, changed_keys, refuse_changed
+from pipeline.config import Config, ConfigError, changed_keys, model_uris, refuse_changed
 from pipeline.errors import MsdsmoothError, StorageError, describe
 from pipeline.run_dir import RunDirectory
 from pipeline.sequential import sequential_plan
 from pipeline.storage import is_local, object_stamp, sha256_file, url_to_fs
 
 log = logging.getLogger(__name__)
-
-MODEL_KEYS = ("models.denoiser.uri", "models.classifier.uri")
-
 
 class ModelLoadError(MsdsmoothError, RuntimeError):
     """A model cannot be loaded (missing file, refused pickle, keys that do not fit); names the key."""
@@ -63,12 +60,11 @@ def code_version() -> str:
 
 
 def check_model_uris(cfg: Config) -> dict[str, dict[str, str]]:
-    """Every model URI in the config exists; returns their :func:`weights_identity` by config key."""
+    """Every model URI in the config (:func:`pipeline.config.model_uris`: the denoiser's, the
+    classifier's or each per-sigma classifier's) exists; returns their :func:`weights_identity` by
+    config key."""
     identities = {}
-    for key, spec in zip(MODEL_KEYS, (cfg.models["denoiser"], cfg.models["classifier"])):
-        uri = spec.get("uri")
-        if uri is None:
-            continue
+    for key, uri in model_uris(cfg.models):
         try:
             fs, path = url_to_fs(uri)
             exists = fs.exists(path)

@@ -11,6 +11,12 @@ decode task: ``compute.cpus_per_task`` CPUs) with the nodes of the cluster:
 * Otherwise: :class:`pipeline.config.ConfigError` naming the ``compute.*`` keys, the request and
   the largest node, before any model is loaded (``jobs.*`` print it as ``error: ...``, exit 2).
 
+The same three outcomes for the run as a whole (:func:`pool_unmet`): the ``compute.actors``
+actors and one decode task must fit in the cluster's total CPUs and GPUs at once. Per node the
+same holds after a node is lost: a node's restarted actors must leave it ``compute.cpus_per_task``
+CPUs for the decode tasks to redo, so size nodes to hold their actors plus one decode task (the
+README's cluster section).
+
 Whether an autoscaler can add nodes is the environment's ``MSDSMOOTH_AUTOSCALER`` (a property of
 the cluster, not of the run; for ``ray job submit``, set it on the head or in the runtime env):
 
@@ -80,13 +86,41 @@ def unmet(requests: Iterable[Request], nodes: list[Mapping[str, float]],
     return refusals, waits
 
 
+def pool_unmet(compute: Mapping[str, Any], nodes: list[Mapping[str, float]],
+               scalable: list[Mapping[str, float]] | None) -> tuple[list[str], list[str]]:
+    """(refusals, waits) for the run as a whole: the actor pool (``compute.actors`` actors, all
+    started at once) and one decode task must fit in the cluster's total resources together, else
+    the actors hold every CPU (or GPU) and the decode tasks that feed them never run. A wait when an
+    autoscaler can add nodes (``scalable`` not []), else a refusal naming the keys."""
+    actors = compute["actors"]
+    need = {"CPU": actors * compute["cpus_per_actor"] + compute["cpus_per_task"],
+            "GPU": actors * compute["gpus_per_actor"]}
+    total = {name: sum(node.get(name, 0.0) for node in nodes) for name in need}
+    short = [name for name, amount in need.items() if amount > 0 and total[name] < amount]
+    if not short:
+        return [], []
+    asked = (f"compute.actors={actors:g} x (compute.cpus_per_actor={compute['cpus_per_actor']:g}, "
+             f"compute.gpus_per_actor={compute['gpus_per_actor']:g}) + compute.cpus_per_task={compute['cpus_per_task']:g}")
+    what = ", ".join(f"{need[n]:g} {n}" for n in short)
+    if scalable is ANY_SHAPE or scalable:
+        return [], [f"{asked}: the actor pool and one decode task need {what} at once, the cluster has "
+                    f"{_describe(total, short)} now; waiting for the autoscaler to add nodes"]
+    return [f"{asked}: the actor pool and one decode task need {what} at once, and the cluster has "
+            f"{_describe(total, short)} ({len(nodes)} node(s), no autoscaler): the actors would hold every "
+            f"{' and every '.join(short)} and starve the decode tasks; lower compute.actors (or the per-actor "
+            f"amounts) or add nodes"], []
+
+
 def check_resources(compute: Mapping[str, Any]) -> None:
     """Refuse (ConfigError) a request that can never be met on the connected Ray cluster; log a
     WARNING for one that waits for the autoscaler (see the module docstring). Needs ``ray.init``."""
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    refusals, waits = unmet(run_requests(compute), nodes, autoscaler_node_shapes())
+    scalable = autoscaler_node_shapes()
+    refusals, waits = unmet(run_requests(compute), nodes, scalable)
+    if not refusals:
+        refusals, waits = pool_unmet(compute, nodes, scalable)
     if refusals:
         raise ConfigError("; ".join(refusals))
     for line in waits:

@@ -63,9 +63,10 @@ class MonteCarloSampler:
 
     ``model`` has ``forward(x_noisy, sigma) -> logits`` (x_noisy = x + sigma * eps in [0, 1]
     units, sigma one value per sample), ``classify_clean(x) -> logits``, ``num_classes`` and
-    ``denoiser.timesteps(sigma)``. ``dtype`` selects autocast ("bfloat16", "float16") or plain
-    float32. The same code runs on CPU and CUDA. ``model`` itself is moved (in place) to the
-    device and memory format and put in eval mode. The certification actor builds it with
+    ``timesteps(sigma)`` (the denoiser's diffusion timestep per sigma; -1 without a denoiser).
+    ``dtype`` selects autocast ("bfloat16", "float16") or plain float32. The same code runs on CPU
+    and CUDA. ``model`` itself is moved (in place) to the device and memory format and put in eval
+    mode. The certification actor builds it with
     :meth:`from_settings` from :func:`pipeline.device_settings.resolve_device_settings`'s choice;
     every setting here is a resolved value (``auto`` is refused).
     """
@@ -126,7 +127,7 @@ class MonteCarloSampler:
                 for start in range(0, total, self.batch_size):
                     self._count_batch(x, keys_dev, sigma_dev, counts, start + offsets, total, n0, per_pair)
             pred_clean = self._predict_clean(x)
-            timesteps = self.model.denoiser.timesteps(sigma_dev).to(torch.int64).reshape(num_sigmas)
+            timesteps = self.model.timesteps(sigma_dev).to(torch.int64).reshape(num_sigmas)
         host = torch.cat([counts, pred_clean, timesteps]).cpu().numpy()  # the one host transfer
         per_phase = host[: counts.numel()].reshape(num_images, num_sigmas, 2, self.num_classes)
         return SampleCounts(
@@ -204,7 +205,7 @@ class MonteCarloSampler:
                 if active.size == 0:
                     break
             pred_clean = self._predict_clean(x).cpu().numpy()
-            timesteps = self.model.denoiser.timesteps(sigma_dev).to(torch.int64).reshape(num_sigmas).cpu().numpy()
+            timesteps = self.model.timesteps(sigma_dev).to(torch.int64).reshape(num_sigmas).cpu().numpy()
         per_pair = host.reshape(num_images, num_sigmas, 2, classes)
         return SequentialCounts(
             counts0=per_pair[:, :, PHASE_SELECTION].copy(), counts=per_pair[:, :, PHASE_ESTIMATION].copy(),

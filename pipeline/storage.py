@@ -101,6 +101,29 @@ def _download(fs: fsspec.AbstractFileSystem, path: str, dest: str) -> None:
         fs.get_file(remote, target)
 
 
+def load_torch_checkpoint(path: str) -> Any:
+    """What ``torch.save`` wrote to ``path``, read on the CPU with ``torch.load(weights_only=True)``:
+    tensors, plain containers and ``argparse.Namespace`` (training scripts save their ``args``
+    beside the weights; a Namespace is an attribute bag, rebuilt without running its code), never
+    an arbitrary pickled object. ValueError naming the file and the object it refused."""
+    import argparse
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)\.(?:\s|$)", str(exc))
+        cause = found[1] if found else " ".join(str(exc).split())[:300]
+        raise ValueError(f"{path}: refused: the checkpoint holds objects that torch.load(weights_only=True) does not "
+                         f"read (only tensors, plain containers and argparse.Namespace are loaded, never arbitrary "
+                         f"pickled code): {cause}. Save the state dict alone, or as .safetensors, where you trust "
+                         f"the file") from exc
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a torch.save'd flat state dict (weights_only=True:
     no arbitrary unpickling), on the CPU."""

@@ -7,7 +7,9 @@ implementations against this project, on the same images, models, sigmas, n0, n 
     per (image, sigma) (pipeline.certification.certify) into a results table.
 (b) ``full``: :func:`pipeline.certify_run.run_certification` in full mode on an embedded local Ray
     (started and stopped inside the timing, as ``python -m jobs.certify`` does), then the counts
-    read back and :func:`analysis.results.certify_table`.
+    read back and :func:`analysis.results.certify_table`; with the project's defaults
+    (:data:`PROJECT_DEFAULTS`: device settings measured on the device, sequential sampling with
+    n_max = n), not the demo's pinned ones.
 (c) ``cascade``: the same in cascade mode; its table is the cascade over every sigma.
 
 :func:`fixed_vs_sequential` times the project alone with fixed and with sequential sampling
@@ -113,14 +115,10 @@ def reference_table(cfg: Config, batch_size: int) -> pd.DataFrame:
     return concat_results(frames)
 
 
-def project_table(cfg: Config, mode: str, run_id: str | None = None) -> pd.DataFrame:
-    """(b) / (c): the certification run in ``mode`` (its own run_id), then the table from its
-    counts (a sequential run's certificates by its plan, as the aggregation recomputes them)."""
-    return project_run(cfg, mode, run_id)[0]
-
-
 def project_run(cfg: Config, mode: str, run_id: str | None = None):
-    """The certification run in ``mode``: (results table, the run's validated CountsTable)."""
+    """(b) / (c): the certification run in ``mode`` (its own run_id): (results table, the run's
+    validated CountsTable); a sequential run's certificates by its plan, as the aggregation
+    recomputes them."""
     from analysis.counts import read_counts, validate_counts
     from analysis.io import resolve_run
     from pipeline.certify_run import run_certification
@@ -189,8 +187,9 @@ class TimeToTable:
     """Seconds and tables of each path, and how (a) and (b) agree."""
 
     images: int
-    samples_per_image: int
+    samples_per_image: int       # the fixed protocol's: sigmas x (n0 + n)
     seconds: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, float] = field(default_factory=dict)  # samples drawn per image, per path
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     agreement: list[MethodAgreement] = field(default_factory=list)
 
@@ -201,7 +200,8 @@ class TimeToTable:
         for path, secs in self.seconds.items():
             ratio = "" if path == "reference" or "reference" not in self.seconds else \
                 f"  ({self.seconds['reference'] / secs:.2f}x faster than (a))"
-            out.append(f"{names[path]}: {secs:.1f} s{ratio}")
+            drawn = f", {self.samples[path]:,.0f} samples per image" if path in self.samples else ""
+            out.append(f"{names[path]}: {secs:.1f} s{ratio}{drawn}")
         for path, table in self.tables.items():
             out += ["", f"{names[path]}:", to_markdown(summarize(table, radii), radii).rstrip()]
         if self.agreement:
@@ -209,15 +209,29 @@ class TimeToTable:
         return out
 
 
+# (b) and (c) run as a user's run does, not with the demo's pinned settings: the device settings
+# measured on the device, sequential sampling with n_max = n (configs/demo.yaml pins both for its
+# own two-minute run). ``--set`` values are applied after these.
+PROJECT_DEFAULTS = ("compute.dtype=auto", "compute.channels_last=auto", "compute.compile=auto",
+                    "compute.batch_size=auto", "smoothing.sampling=sequential")
+
+
 def time_to_table(work_dir: Path, images: int, n0: int, n: int, batch_size: int,
                   paths=PATHS, overrides: list[str] = ()) -> TimeToTable:
-    """Each of ``paths`` timed on the demo workload (module docstring), the tables compared."""
-    cfg = demo_config(work_dir, images, n0, n, list(overrides))
-    result = TimeToTable(images, len(cfg.smoothing["sigmas"]) * (n0 + n))
+    """Each of ``paths`` timed on the demo workload (module docstring), the tables compared; (b)
+    and (c) with :data:`PROJECT_DEFAULTS`, then ``overrides``."""
+    reference_cfg = demo_config(work_dir, images, n0, n, list(overrides))
+    project_cfg = demo_config(work_dir, images, n0, n, [*PROJECT_DEFAULTS, *overrides])
+    result = TimeToTable(images, len(reference_cfg.smoothing["sigmas"]) * (n0 + n))
     for path in paths:
         log.info("time to table: %s", path)
         start = time.perf_counter()
-        result.tables[path] = reference_table(cfg, batch_size) if path == "reference" else project_table(cfg, path)
+        if path == "reference":
+            result.tables[path] = reference_table(reference_cfg, batch_size)
+            result.samples[path] = result.samples_per_image
+        else:
+            result.tables[path], counts = project_run(project_cfg, path)
+            result.samples[path] = float((counts.table["n0"].to_numpy() + counts.table["n"].to_numpy()).sum()) / images
         result.seconds[path] = time.perf_counter() - start
     if "reference" in result.tables and "full" in result.tables:
         full = result.tables["full"]

@@ -154,7 +154,10 @@ def test_time_to_table_reference_and_full_mode_agree_where_noise_cannot_differ(r
     from analysis.results import RESULT_COLUMNS
     from pipeline.time_to_table import time_to_table
 
-    result = time_to_table(tmp_path, images=2, n0=4, n=16, batch_size=1000, overrides=["smoothing.sigmas=[0.05]"])
+    # the project paths run sequential sampling and measured device settings by default: fixed
+    # sampling in float32 here, so that both paths compute the same function and certificate
+    result = time_to_table(tmp_path, images=2, n0=4, n=16, batch_size=1000,
+                           overrides=["smoothing.sigmas=[0.05]", "smoothing.sampling=fixed", "compute.dtype=float32"])
     assert set(result.seconds) == {"reference", "full", "cascade"} and min(result.seconds.values()) > 0
     for table in result.tables.values():
         assert tuple(table.columns) == RESULT_COLUMNS and len(table) == 2

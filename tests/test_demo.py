@@ -28,11 +28,11 @@ from pipeline.demo import DENOISERS
 from pipeline.digits import DEMO_CONFIG, DEMO_MODELS, digits_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIGMAS = {0.25, 0.5, 1.0}
+SIGMAS = {0.25, 0.5, 1.5}
 N0, N = 8, 32
 ALPHA = 0.001  # configs/demo.yaml's
 RUN_ID = "digits-demo"
-CASCADE = "cascade(0.25,0.5,1.0)"
+CASCADE = "cascade(0.25,0.5,1.5)"
 OVERRIDES = ["data.selection.every=18", f"smoothing.n0={N0}", f"smoothing.n={N}", "compute.log_every=10"]
 pytestmark = pytest.mark.timeout(600)
 
@@ -81,9 +81,9 @@ def test_counts_table_has_one_row_per_image_and_sigma(demo_output):
     assert counts["label"].nunique() >= 9                                      # spread over the classes
     # The fine-tuned run (cascade mode): every image at the highest sigma, lower ones only below it.
     tuned = read_counts(work, f"{RUN_ID}-finetuned")
-    assert set(tuned.loc[tuned["sigma"] == 1.0, "image_id"]) == set(counts["image_id"])
+    assert set(tuned.loc[tuned["sigma"] == 1.5, "image_id"]) == set(counts["image_id"])
     per_image = tuned.groupby("image_id")["sigma"].apply(lambda s: sorted(s, reverse=True))
-    assert all(s == [1.0, 0.5, 0.25][:len(s)] for s in per_image)
+    assert all(s == [1.5, 0.5, 0.25][:len(s)] for s in per_image)
 
 
 def independent_certify(counts0: dict[int, int], counts: dict[int, int], n: int, sigma: float) -> tuple[int, float]:
@@ -112,7 +112,7 @@ def test_single_sigma_certificates_match_an_independent_certify(demo_output):
 def test_table_rows_and_samples_spent(demo_output, tmp_path):
     work, stdout = demo_output
     rows = table_rows(stdout)
-    assert list(rows) == ["sigma=0.25", "sigma=0.5", "sigma=1.0", CASCADE, f"{CASCADE} fine-tuned"]
+    assert list(rows) == ["sigma=0.25", "sigma=0.5", "sigma=1.5", CASCADE, f"{CASCADE} fine-tuned"]
     samples = {method: int(cells[-1].replace(",", "")) for method, cells in rows.items()}
     for sigma in SIGMAS:
         assert samples[f"sigma={sigma}"] == 20 * (N0 + N)
@@ -145,7 +145,7 @@ def test_committed_models_certify_the_digits(demo_output):
     work, _ = demo_output
     results = pd.read_parquet(work / "results.parquet")
     assert results.groupby("method", observed=True).size().to_dict() == {
-        "sigma=0.25": 20, "sigma=0.5": 20, "sigma=1.0": 20, CASCADE: 20, f"{CASCADE} fine-tuned": 20}
+        "sigma=0.25": 20, "sigma=0.5": 20, "sigma=1.5": 20, CASCADE: 20, f"{CASCADE} fine-tuned": 20}
     certified = results[results["radius"] > 0].groupby("method", observed=True)["correct"].sum() / 20
     assert certified["sigma=0.25"] >= 0.8 and certified["sigma=0.5"] >= 0.8  # chance is 0.1
     per_image = results.drop_duplicates("image_id")

@@ -43,9 +43,10 @@ def fake_speeds(speeds):
     """A _measure that returns ``speeds[(dtype, channels_last, batch)]`` and records what was asked."""
     asked = []
 
-    def measure(model, device, image, dtype, channels_last, batch_size, passes):
-        asked.append((dtype, channels_last, batch_size))
-        return Measurement(dtype, channels_last, batch_size, speeds[(dtype, channels_last, batch_size)])
+    def measure(model, device, image, dtype, channels_last, batch_size, passes, compile=False):
+        key = (dtype, channels_last, batch_size, "compiled") if compile else (dtype, channels_last, batch_size)
+        asked.append(key)
+        return Measurement(dtype, channels_last, batch_size, speeds[key], compile, 30.0 if compile else 0.1)
     return measure, asked
 
 
@@ -57,12 +58,46 @@ def test_cpu_picks_the_fastest_measured_setting_and_says_why(monkeypatch):
     got = resolve_device_settings(AUTO, "cpu", tiny_model(), (3, 16, 16))
     assert (got.dtype, got.channels_last, got.compile, got.batch_size) == ("bfloat16", False, False, 128)
     assert sorted(asked) == sorted(speeds)
-    assert re.fullmatch(r"cpu: bfloat16, contiguous, eager, batch 128: 1\.50x float32, channels_last, batch 128 "
+    assert re.fullmatch(r"cpu: bfloat16, contiguous, eager, batch 128: 1\.50x float32, channels_last, eager, batch 128 "
                         r"\(measured 6 settings in [0-9.]+ s\)", got.reason), got.reason
     # the batch sweep runs on the winner of the dtype x layout sweep, and a larger batch can win
     speeds[("bfloat16", False, 256)] = 200.0
     got = resolve_device_settings(AUTO, "cpu", tiny_model(), (3, 16, 16))
     assert got.batch_size == 256 and got.reason.startswith("cpu: bfloat16, contiguous, eager, batch 256: 2.00x")
+
+
+def test_cpu_measures_compiled_settings_only_for_long_runs_and_counts_the_compile(monkeypatch):
+    speeds = {("float32", True, 128): 100.0, ("float32", False, 128): 90.0, ("bfloat16", True, 128): 10.0,
+              ("bfloat16", False, 128): 12.0, ("float32", True, 64): 95.0, ("float32", True, 256): 99.0,
+              ("float32", False, 128, "compiled"): 150.0, ("bfloat16", False, 128, "compiled"): 200.0}
+    measure, asked = fake_speeds(speeds)  # a compiled setting's first call takes 30 s
+    monkeypatch.setattr(ds, "_measure", measure)
+    monkeypatch.setattr(ds, "native_bf16", lambda: True)
+    short = 100.0 * ds.CPU_COMPILE_MIN_WORK_S * 0.99  # just under the threshold at the eager 100 samples/s
+    got = resolve_device_settings(AUTO, "cpu", tiny_model(), (3, 16, 16), work_samples=short)
+    assert got.compile is False and not any("compiled" in key for key in asked)
+    asked.clear()
+    # 240 s eager; bfloat16 compiled: 30 s + 120 s: chosen, and the reason says the work it was measured for
+    got = resolve_device_settings(AUTO, "cpu", tiny_model(), (3, 16, 16), work_samples=24_000)
+    assert (got.dtype, got.channels_last, got.compile, got.batch_size) == ("bfloat16", False, True, 128)
+    assert [k for k in asked if "compiled" in k] == [("bfloat16", False, 128, "compiled")]
+    assert "compiled ones for 24,000 samples per actor" in got.reason
+    # without native bfloat16 the compiled candidate is float32
+    monkeypatch.setattr(ds, "native_bf16", lambda: False)
+    asked.clear()
+    got = resolve_device_settings(AUTO, "cpu", tiny_model(), (3, 16, 16), work_samples=24_000)
+    assert [k for k in asked if "compiled" in k] == [("float32", False, 128, "compiled")]
+    assert (got.dtype, got.compile) == ("float32", True)  # 30 s + 160 s beats 240 s eager
+    monkeypatch.setattr(ds, "native_bf16", lambda: True)
+    # a compile that costs more than it saves loses: 2.0x faster, but the run is short beside 30 s
+    speeds[("bfloat16", False, 128, "compiled")] = 105.0
+    speeds[("float32", False, 128, "compiled")] = 101.0
+    got = resolve_device_settings(AUTO, "cpu", tiny_model(), (3, 16, 16), work_samples=24_000)
+    assert got.compile is False and (got.dtype, got.channels_last) == ("float32", True)
+    # an explicit compile is never measured
+    asked.clear()
+    got = resolve_device_settings(AUTO | {"compile": False}, "cpu", tiny_model(), (3, 16, 16), work_samples=10**9)
+    assert got.compile is False and not any("compiled" in key for key in asked)
 
 
 def test_cpu_sweep_keeps_explicit_values_fixed(monkeypatch):

@@ -63,6 +63,7 @@ def raw_config(models, **sections) -> dict:
     ("loss.per_step=some", "loss.per_step: must be one of all, sample"),
     ("compute.workers=2", "compute.workers: unknown key"),
     ("checkpoint.name=a/b", "checkpoint.name: must be a non-empty string without '/'"),
+    ("models.denoiser=null", "models.denoiser: required for fine-tuning"),
 ])
 def test_config_errors_name_the_key(models, override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):

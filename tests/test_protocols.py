@@ -222,12 +222,13 @@ def test_protocol_denoiser_sizes_are_the_papers(name, resolution, unet_in):
 
 
 def test_protocol_configs_and_the_default_imagenet_config():
-    for name in ("carlini-imagenet", "carlini-cifar10", "jeong-shin-imagenet"):
+    for name in ("carlini-imagenet", "carlini-cifar10", "jeong-shin-imagenet", "cohen-imagenet"):
         protocol(name)
     default, jeong_shin = load_config("configs/imagenet.yaml").to_dict(), protocol("jeong-shin-imagenet").to_dict()
     assert (default["smoothing"]["schedule"], jeong_shin["smoothing"]["schedule"]) == ("bonferroni", "paper")
+    assert (default["compute"]["dtype"], jeong_shin["compute"]["dtype"]) == ("auto", "float16")
     for cfg in (default, jeong_shin):
-        cfg["smoothing"].pop("schedule"), cfg["output"].pop("run_id")
+        cfg["smoothing"].pop("schedule"), cfg["output"].pop("run_id"), cfg["compute"].pop("dtype")
     assert default == jeong_shin  # configs/imagenet.yaml is Jeong & Shin's protocol
     carlini = protocol("carlini-cifar10")
     assert (carlini.smoothing["n"], carlini.data["selection"]["every"], carlini.models["classifier"]["format"]) == \
@@ -244,8 +245,8 @@ def raw():
     (["models.denoiser.uri=null"], "models.denoiser.uri: required (or models.denoiser.random_weights: true)"),
     (["models.denoiser.random_weights=true"],
      "models.denoiser.random_weights: cannot be combined with models.denoiser.uri"),
-    (["models.classifier.uri=null"], "models.classifier.uri: required (or models.classifier.pretrained: true or "
-                                     "models.classifier.random_weights: true)"),
+    (["models.classifier.uri=null"], "models.classifier.uri: required (or models.classifier.per_sigma or "
+                                     "models.classifier.pretrained: true or models.classifier.random_weights: true)"),
     (["models.classifier.uri=null", "models.classifier.pretrained=true", "models.classifier.random_weights=true"],
      "models.classifier.random_weights: cannot be combined with models.classifier.pretrained"),
     (["models.denoiser.input={mode: crop}"], "models.denoiser.input.mode: must be one of direct, reflect_pad"),

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pipeline.config import ConfigError
 from pipeline.models.small import write_small_models
-from pipeline.resources import ANY_SHAPE, AUTOSCALER_ENV, autoscaler_node_shapes, run_requests, unmet
+from pipeline.resources import ANY_SHAPE, AUTOSCALER_ENV, autoscaler_node_shapes, pool_unmet, run_requests, unmet
 from pipeline.shard_writer import make_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +35,23 @@ def test_gpu_and_task_requests():
     # the CPUs and the GPU must be on the same node: 2 nodes that hold them together only in sum do not
     assert unmet(run_requests(compute | {"cpus_per_task": 1.0}), [{"CPU": 4.0}, {"CPU": 0.5, "GPU": 1.0}], [])[0]
     assert unmet(run_requests(compute | {"cpus_per_task": 1.0}), [{"CPU": 4.0}, {"CPU": 1.0, "GPU": 1.0}], []) == ([], [])
+
+
+def test_actor_pool_and_one_decode_task_must_fit_the_cluster_at_once():
+    pool = {"actors": 2, "cpus_per_actor": 1.0, "gpus_per_actor": 0.0, "cpus_per_task": 0.5}
+    assert unmet(run_requests(pool), TWO_CPUS, []) == ([], [])  # each request alone fits a node
+    refusals, waits = pool_unmet(pool, TWO_CPUS, [])
+    assert waits == [] and len(refusals) == 1
+    assert refusals[0].startswith("compute.actors=2 x (compute.cpus_per_actor=1, compute.gpus_per_actor=0) + "
+                                  "compute.cpus_per_task=0.5: the actor pool and one decode task need 2.5 CPU at once")
+    assert "the cluster has 2 CPU (1 node(s), no autoscaler)" in refusals[0]
+    assert pool_unmet(pool, TWO_CPUS + [{"CPU": 1.0}], []) == ([], [])  # summed over nodes
+    assert pool_unmet(pool | {"cpus_per_actor": 0.75}, TWO_CPUS, []) == ([], [])
+    gpus = pool | {"gpus_per_actor": 1.0}
+    assert pool_unmet(gpus, [{"CPU": 8.0, "GPU": 1.0}], [])[0][0].split(": ")[1].startswith(
+        "the actor pool and one decode task need 2 GPU at once")
+    refusals, waits = pool_unmet(pool, TWO_CPUS, ANY_SHAPE)
+    assert refusals == [] and "waiting for the autoscaler" in waits[0]
 
 
 def test_busy_but_large_enough_node_is_fine():

@@ -75,8 +75,17 @@ class FinetuneConfig:
 
 
 def validate(raw: Any) -> FinetuneConfig:
-    """Validate a raw mapping; errors are :class:`ConfigError` naming the dotted key."""
-    return FinetuneConfig(**cfglib.validate_sections(raw, SCHEMA, require_all=False))
+    """Validate a raw mapping; errors are :class:`ConfigError` naming the dotted key.
+
+    Fine-tuning needs what certification may leave out: a denoiser to train and one classifier.
+    """
+    sections = cfglib.validate_sections(raw, SCHEMA, require_all=False)
+    if sections["models"]["denoiser"] is None:
+        raise cfglib.ConfigError("models.denoiser: required for fine-tuning (it is the model trained)")
+    if sections["models"]["classifier"]["per_sigma"] is not None:
+        raise cfglib.ConfigError("models.classifier.per_sigma: fine-tuning uses one frozen classifier; set "
+                                 "models.classifier.uri")
+    return FinetuneConfig(**sections)
 
 
 def finetune_config_from_dict(raw: Mapping, overrides: Sequence[str] = ()) -> FinetuneConfig:

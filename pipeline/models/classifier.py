@@ -5,13 +5,18 @@ arbitrary unpickling), ``pretrained`` (timm's weights already in the local Huggi
 torch hub cache; nothing is downloaded from a model hub here) or ``random_weights``.
 
 ``format`` says how a URI's weights are laid out: ``timm`` (default: a timm state dict for the
-model ``name``) or ``hf-vit`` (a Hugging Face transformers ``ViTForImageClassification``
+model ``name``), ``hf-vit`` (a Hugging Face transformers ``ViTForImageClassification``
 ``save_pretrained`` folder, converted into the timm VisionTransformer ``name`` by
 :mod:`pipeline.models.hf_vit`, with the checkpoint's layer-norm eps and image-processor
-normalisation; e.g. Carlini et al.'s CIFAR-10 ViT-B/16 with ``name: vit_base_patch16_224``).
+normalisation; e.g. Carlini et al.'s CIFAR-10 ViT-B/16 with ``name: vit_base_patch16_224``) or
+``cohen`` (Cohen et al.'s ``checkpoint.pth.tar``, read by :mod:`pipeline.models.cohen` into the
+timm model ``name``, e.g. ``resnet50``, normalised with their ImageNet NormalizeLayer's mean/std) or
+``jeong-shin-clip`` (Jeong & Shin's fine-tuned CLIP ViT, ``name: CLIP_B16``: their checkpoint's
+``model_ema`` state dict, converted by :mod:`pipeline.models.clip_vit`, fed [-1, 1]).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from functools import partial
@@ -24,12 +29,15 @@ import timm.data
 import torch
 import torch.nn.functional as F
 
+from pipeline.models.clip_vit import (INPUT_MEAN, INPUT_STD, create_clip_vit, jeong_shin_to_timm_state_dict,
+                                      read_jeong_shin_checkpoint)
+from pipeline.models.cohen import IMAGENET_MEAN, IMAGENET_STD, read_cohen_checkpoint
 from pipeline.models.hf_vit import check_architecture, hf_vit_to_timm_state_dict, read_hf_vit_folder
 from pipeline.storage import fetch_to_cache, load_state_dict_strict, read_state_dict
 
-SPEC_KEYS = frozenset({"name", "num_classes", "format", "uri", "pretrained", "random_weights", "model_kwargs",
-                       "input_size"})
-FORMATS = ("timm", "hf-vit")
+SPEC_KEYS = frozenset({"name", "num_classes", "format", "uri", "per_sigma", "pretrained", "random_weights",
+                       "model_kwargs", "input_size"})
+FORMATS = ("timm", "hf-vit", "cohen", "jeong-shin-clip")
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 ANTIALIAS_MODES = ("bicubic", "bilinear")
 
@@ -62,17 +70,23 @@ class Classifier(torch.nn.Module):
 def load_classifier(spec: Mapping[str, Any], cache_dir: str | None = None) -> Classifier:
     """A :class:`Classifier` from ``spec``.
 
-    Keys: name (timm), num_classes, format (timm | hf-vit, module docstring), and exactly one
-    weight source: uri (timm: .safetensors, a state dict .pt/.pth/.bin, or a folder holding
-    model.safetensors / pytorch_model.bin; hf-vit: a transformers folder), pretrained (timm's
-    weights, only from the local cache; timm format) or random_weights. model_kwargs (for
-    timm.create_model), input_size ([3, H, W]; else model_kwargs.img_size, else timm's data
-    config, or for hf-vit the model's image size). A state dict that does not fit fails naming
-    the keys. Returned in eval mode.
+    Keys: name (timm; jeong-shin-clip: CLIP_B16), num_classes, format (timm | hf-vit | cohen |
+    jeong-shin-clip, module docstring), and exactly one weight source: uri (timm: .safetensors, a
+    state dict .pt/.pth/.bin, or a folder holding model.safetensors / pytorch_model.bin; hf-vit: a
+    transformers folder; cohen: their checkpoint.pth.tar; jeong-shin-clip: their checkpoint, see
+    :func:`pipeline.models.clip_vit.read_jeong_shin_checkpoint`), pretrained (timm's weights, only
+    from the local cache; timm format) or random_weights. model_kwargs (for timm.create_model;
+    jeong-shin-clip: sizes only), input_size ([3, H, W]; else model_kwargs.img_size, else timm's
+    data config, or for hf-vit and jeong-shin-clip the model's image size). A state dict that does
+    not fit fails naming the keys. ``per_sigma`` (one classifier per sigma) is refused here: the factory builds those
+    (:func:`pipeline.models.factory.create_denoise_classify`). Returned in eval mode.
     """
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ValueError(f"unknown classifier spec keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
+    if spec.get("per_sigma") is not None:
+        raise ValueError("classifier per_sigma: one classifier per sigma is built by "
+                         "pipeline.models.factory.create_denoise_classify, not load_classifier")
     name, uri, kwargs = spec["name"], spec.get("uri"), dict(spec.get("model_kwargs") or {})
     fmt = spec.get("format") or "timm"
     if fmt not in FORMATS:
@@ -83,12 +97,18 @@ def load_classifier(spec: Mapping[str, Any], cache_dir: str | None = None) -> Cl
         raise ValueError("give the classifier exactly one of a weights uri, pretrained: true and random_weights: true")
     if fmt == "hf-vit":
         return _load_hf_vit(name, kwargs, uri, bool(spec.get("pretrained")), spec.get("input_size"), cache_dir)
+    if fmt == "jeong-shin-clip":
+        return _load_jeong_shin_clip(name, kwargs, uri, bool(spec.get("pretrained")), spec.get("input_size"), cache_dir)
+    if fmt == "cohen" and spec.get("pretrained"):
+        raise ValueError("classifier: pretrained (timm's cached weights) does not apply to format cohen; "
+                         "give the checkpoint's uri")
     model = timm.create_model(name, pretrained=False, **kwargs)
     weight_files: dict[str, str] = {}
     if uri:
         local = fetch_to_cache(uri, cache_dir)
         path = _weights_path(local)
-        load_state_dict_strict(model, read_state_dict(path), path)
+        state = read_cohen_checkpoint(path, name) if fmt == "cohen" else read_state_dict(path)
+        load_state_dict_strict(model, state, path)
         weight_files[uri if path == local else f"{uri.rstrip('/')}/{os.path.basename(path)}"] = path
     elif spec.get("pretrained"):
         path, source = _cached_pretrained(model.pretrained_cfg, name)
@@ -97,7 +117,8 @@ def load_classifier(spec: Mapping[str, Any], cache_dir: str | None = None) -> Cl
         weight_files[source] = path
     config = timm.data.resolve_model_data_config(model)
     size = spec.get("input_size") or _img_size(kwargs.get("img_size")) or config["input_size"]
-    classifier = Classifier(model, model.num_classes, tuple(size[-2:]), config["mean"], config["std"],
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if fmt == "cohen" else (config["mean"], config["std"])
+    classifier = Classifier(model, model.num_classes, tuple(size[-2:]), mean, std,
                             config.get("interpolation", "bicubic"))
     classifier.weight_files.update(weight_files)
     return classifier.eval()
@@ -122,6 +143,27 @@ def _load_hf_vit(name: str, kwargs: dict[str, Any], uri: str | None, pretrained:
     if hf.weights is not None:
         load_state_dict_strict(model, hf_vit_to_timm_state_dict(read_state_dict(hf.weights)), hf.weights)
         classifier.weight_files[f"{uri.rstrip('/')}/{os.path.basename(hf.weights)}"] = hf.weights
+    return classifier.eval()
+
+
+def _load_jeong_shin_clip(name: str, kwargs: dict[str, Any], uri: str | None, pretrained: bool,
+                          input_size: list[int] | None, cache_dir: str | None) -> Classifier:
+    """Format jeong-shin-clip: :func:`pipeline.models.clip_vit.create_clip_vit` (``model_kwargs``:
+    sizes only), filled from their checkpoint at ``uri`` (else random weights), fed their [-1, 1]
+    (mean = std = 0.5); inputs resized bicubic (antialiased) to its image size when they differ."""
+    if pretrained:
+        raise ValueError("classifier: pretrained (timm's cached weights) does not apply to format jeong-shin-clip; "
+                         "give their checkpoint's uri")
+    with torch.device("meta") if uri else contextlib.nullcontext():  # no random init: the checkpoint fills every tensor
+        model = create_clip_vit(name, **kwargs)
+    size = tuple(input_size[-2:]) if input_size else model.patch_embed.img_size
+    classifier = Classifier(model, model.num_classes, size, INPUT_MEAN, INPUT_STD, "bicubic")
+    if uri:
+        path = fetch_to_cache(uri, cache_dir)
+        state = jeong_shin_to_timm_state_dict(read_jeong_shin_checkpoint(path), len(model.blocks), path)
+        load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, path,
+                               assign=True)
+        classifier.weight_files[uri] = path
     return classifier.eval()
 
 

@@ -9,12 +9,13 @@ with ``auto`` values resolved once in this process and pinned for the Ray run; t
 what the actor uses (``compute.torch_threads``, else ``compute.cpus_per_actor``). The images are
 random JPEGs (the work does not depend on their content) in Parquet shards (pipeline.shard_writer).
 In process: one ``MonteCarloSampler.sample`` call on every decoded image, timed alone, before and
-after the Ray run; the faster of the two counts (the load of a shared machine drifts: the actor is
-compared with the sampler's best, never with a slowed-down one).
-Ray: ``pipeline.certify_run.run_certification`` on a local Ray (pipeline.ray_runtime); the
-actor's sampling time is the sum of the counts rows' ``seconds`` (wall time per (image, sigma)).
-Prints both samples/s and their ratio (actor / in process; >= 0.95 is the bar of issue 12), the
-Ray run's wall time (start, decode, model load and writes included) and the load average.
+after each Ray run. Ray: ``pipeline.certify_run.run_certification`` on a local Ray
+(pipeline.ray_runtime), ``--repeats`` times (a run id each); the actor's sampling time is the sum of
+the counts rows' ``seconds`` (wall time per (image, sigma)). Each Ray run is compared with the mean
+of the in-process runs on either side of it (the load of a shared machine drifts by up to 30%
+between minutes); the ratio printed is the median over the repeats (actor / in process; >= 0.95 is
+the bar of issue 12), beside every run's figures, the Ray runs' wall time (start, decode, model load
+and writes included) and the load average.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="Ray runs, each between two in-process runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args()
 
@@ -97,27 +99,29 @@ def main() -> None:
         settings = resolve_device_settings(c, "cpu", model, (3, resolution, resolution))  # once, as the probe does
         # both paths run exactly these settings
         cfg = config_from_dict(cfg.to_dict(), [f"compute.{k}={v}" for k, v in settings.record().items() if k != "reason"])
-        before = in_process_sampling(cfg, images)
-        with ray_session(log_to_driver=False):
-            start = time.perf_counter()
-            run_certification(cfg)
-            ray_wall = time.perf_counter() - start
-        store = RunDirectory(cfg.output["uri"], cfg.output["run_id"])
-        table = pa.concat_tables([pq.read_table(p, columns=["seconds"]) for p in store.counts_files()])
-        actor_s = float(pc.sum(table.column("seconds")).as_py())  # seconds are per (image, sigma) row
-        after = in_process_sampling(cfg, images)  # bracket the Ray run: the machine's load drifts
+        local_s, actor_s, ray_wall = [in_process_sampling(cfg, images)], [], []
+        for repeat in range(args.repeats):
+            run_cfg = config_from_dict(cfg.to_dict(), [f"output.run_id=bench-{repeat}"])
+            with ray_session(log_to_driver=False):
+                start = time.perf_counter()
+                run_certification(run_cfg)
+                ray_wall.append(time.perf_counter() - start)
+            store = RunDirectory(run_cfg.output["uri"], run_cfg.output["run_id"])
+            table = pa.concat_tables([pq.read_table(p, columns=["seconds"]) for p in store.counts_files()])
+            actor_s.append(float(pc.sum(table.column("seconds")).as_py()))  # seconds are per (image, sigma) row
+            local_s.append(in_process_sampling(cfg, images))
     s = cfg.smoothing
     samples = args.images * len(s["sigmas"]) * (s["n0"] + s["n"])
-    local_s = min(before, after)
+    ratios = [(local_s[i] + local_s[i + 1]) / 2 / actor_s[i] for i in range(args.repeats)]
     print(json.dumps({
         "config": args.config, "images": args.images, "samples": samples,
         "torch_threads": c["torch_threads"] or max(1, int(c["cpus_per_actor"])), "cpus_per_actor": c["cpus_per_actor"],
         "device_settings": settings.record(),
-        "in_process_samples_per_s": round(samples / local_s, 1), "actor_samples_per_s": round(samples / actor_s, 1),
-        "ratio": round(local_s / actor_s, 3),
-        "in_process_s": [round(before, 2), round(after, 2)], "actor_sampling_s": round(actor_s, 2),
-        "ray_wall_s": round(ray_wall, 2), "load_average": round(os.getloadavg()[0], 2)}))
-
+        "in_process_samples_per_s": round(samples / float(np.median(local_s)), 1),
+        "actor_samples_per_s": round(samples / float(np.median(actor_s)), 1),
+        "ratio": round(float(np.median(ratios)), 3), "ratios": [round(r, 3) for r in ratios],
+        "in_process_s": [round(v, 2) for v in local_s], "actor_sampling_s": [round(v, 2) for v in actor_s],
+        "ray_wall_s": [round(v, 2) for v in ray_wall], "load_average": round(os.getloadavg()[0], 2)}))
 
 if __name__ == "__main__":
     main()

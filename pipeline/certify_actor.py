@@ -39,7 +39,7 @@ from pipeline.certification import SparseCounts, cascade_stage_outcome, walk_cas
 from pipeline.counts_schema import COUNTS_SCHEMA
 from pipeline.device_settings import DeviceSettings, resolve_device_settings
 from pipeline.images import to_float_chw
-from pipeline.models.factory import create_denoise_classify, model_checksums, model_loaders
+from pipeline.models.factory import assemble_denoise_classify, create_denoise_classify, model_checksums, model_loaders
 from pipeline.run_dir import RunDirectory
 from pipeline.sampling import MonteCarloSampler, SampleCounts, SequentialCounts
 from pipeline.sequential import PairStopRule, sequential_plan, sequential_stage_outcome
@@ -57,14 +57,16 @@ class CertifyActor:
     """``map_batches`` UDF: {image_id, label, image uint8 [B,H,W,3], todo bool [B,S]} -> summary."""
 
     def __init__(self, config: Mapping[str, Any], device_settings: Mapping[str, Any]):
-        compute, models = config["compute"], config["models"]
+        compute, models, resolution = config["compute"], config["models"], config["data"]["resolution"]
         set_threads(compute)
         model = create_denoise_classify(models["denoiser"], models["classifier"], models["cache_dir"],
-                                        resolution=config["data"]["resolution"])
+                                        resolution=resolution)
         checksums = model_checksums(model)
         self.checksums = json.dumps(checksums, sort_keys=True)
         self.sampler = MonteCarloSampler.from_settings(model, DeviceSettings(**device_settings), actor_device(compute))
         self.smoothing = config["smoothing"]
+        # the compile and one-time device setup at start: the first call's ``seconds`` are sampling
+        self.sampler.warm_up((3, resolution, resolution), self.smoothing["sigmas"][0])
         self.plan = sequential_plan(self.smoothing)
         self.store = RunDirectory(config["output"]["uri"], config["output"]["run_id"])
         self.meta = {"run_id": config["output"]["run_id"], "num_classes": self.sampler.num_classes,
@@ -172,23 +174,21 @@ def probe_models(config: Mapping[str, Any], recorded: Mapping[str, Any] | None,
 
     Returns (None, settings record) when all load: ``recorded`` (an earlier attempt's, from the
     manifest) as it is, else :func:`resolve_device_settings` on this device with the real model
-    (``auto`` values measured; ``work_samples``, the samples one actor draws at most, decides
+    (``auto`` values measured; ``work_samples``, the samples one actor is expected to draw, decides
     whether compiled settings are worth measuring on CPU). Else (one line: the config key, the URI
     and the cause, resolution mismatches included; None)."""
-    models = config["models"]
-    for key, source, load in model_loaders(models, config["data"]["resolution"]):
+    models, compute, resolution = config["models"], config["compute"], config["data"]["resolution"]
+    loaded = []
+    for key, source, load in model_loaders(models, resolution):
         try:
-            load()
+            loaded.append(load())
         except Exception as exc:  # noqa: BLE001 - reported to the driver as one line
             cause = " ".join(f"{type(exc).__name__}: {exc}".split())
             return f"{key} {source}: {cause}", None
     if recorded is not None:
         return None, dict(recorded)
-    compute = config["compute"]
     set_threads(compute)
-    model = create_denoise_classify(models["denoiser"], models["classifier"], models["cache_dir"],
-                                    resolution=config["data"]["resolution"])
-    resolution = config["data"]["resolution"]
+    model = assemble_denoise_classify(models, loaded)
     settings = resolve_device_settings(compute, actor_device(compute), model, (3, resolution, resolution), work_samples)
     return None, settings.record()
 

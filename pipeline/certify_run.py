@@ -74,7 +74,10 @@ def run_certification(cfg: Config) -> dict:
     with ray_session():  # the running Ray, the cluster of `ray job submit`, or an embedded local one
         check_resources(c)  # a request that no node can ever hold fails now, naming the compute.* keys
         probe = ray.remote(probe_models).options(num_cpus=c["cpus_per_actor"], num_gpus=c["gpus_per_actor"])
-        work_samples = total * len(s["sigmas"]) * (s["n0"] + s["n"]) / c["actors"]  # per actor, at most
+        # per actor: the fixed budget of the sigmas every image draws (cascade: the top stage alone,
+        # so that a cascade whose images fire early does not pay a compile for samples it never draws)
+        sigmas_drawn = 1 if s["mode"] == "cascade" else len(s["sigmas"])
+        work_samples = total * sigmas_drawn * (s["n0"] + s["n"]) / c["actors"]
         failure, settings = ray.get(probe.remote(cfg.to_dict(), recorded_device_settings(store, c), work_samples))
         if failure is not None:
             raise ModelLoadError(f"{failure} (checked before the run: nothing was certified)")

@@ -9,19 +9,21 @@ accept ``auto`` (the default). :func:`resolve_device_settings` turns them into o
   (its one-time compile is small beside a GPU run of n = 10,000-100,000 samples per image), and
   the largest batch of 128, 256, ..., ``MAX_CUDA_BATCH`` whose forward pass fits in memory (a
   doubling probe of the real model; ``CUDA_DEFAULT_BATCH`` without a model).
-* CPU: measured. A few forward passes of the real model (through :class:`MonteCarloSampler`,
-  so noise, indexing and counting are included) at float32 / bfloat16 x channels_last on / off
-  at batch 128, then the fastest of those at batch 64 and 256. The sweep takes a few seconds.
-  ``torch.compile`` is measured too when the run is long enough to pay for it: when one actor's
-  work (``work_samples``, the run's sample budget per actor) at the fastest eager speed is at
-  least :data:`CPU_COMPILE_MIN_WORK_S`, one compiled candidate is timed, compile included:
-  bfloat16 where the CPU computes it natively (oneDNN's bf16 support: AVX512-BF16 / AMX), else
-  float32 (contiguous, the eager winner's batch; inductor picks its own memory formats). The
-  setting that finishes that work first wins, the compile counted once. On the 2-core reference
-  machine (demo models, quiet): float32 eager 2,400 samples/s, float32 compiled 3,100, bfloat16
-  compiled 4,300 (1.8x), bfloat16 eager 120; a cold compile takes ~40 s, ~8 s with inductor's
-  on-disk cache warm (the probe warms it for the actors on its node). Without a model: float32,
-  contiguous, eager, batch 128.
+* CPU: measured. Forward passes of the real model (through :class:`MonteCarloSampler`, so
+  noise, indexing and counting are included) at float32 / bfloat16 x channels_last on / off at
+  batch 128, then the fastest of those at batch 64 and 256, each for at least
+  :data:`CPU_MEASURE_S`. The sweep takes several seconds. ``torch.compile`` is measured too when
+  the run is long enough to pay for it: when one actor's work (``work_samples``: the run's fixed
+  sample budget per actor; in cascade mode the top stage's, the one every image draws) at the
+  fastest eager speed is at least :data:`CPU_COMPILE_MIN_WORK_S`, one compiled candidate is
+  timed, compile included: bfloat16 where the CPU computes it natively (oneDNN's bf16 support:
+  AVX512-BF16 / AMX), else float32 (contiguous, the eager winner's batch; inductor picks its own
+  memory formats). The setting that finishes that work first wins, the compile counted once. On
+  the 2-core reference machine (demo models, batch 256, 12,288 samples each, 2026-12-07; the host
+  drifts by up to 30%): float32 eager 1,460-1,800 samples/s, bfloat16 eager 1,790-2,390,
+  bfloat16 compiled 2,520-2,910, the reference loop (pipeline.reference_loop) 1,450; a cold
+  compile takes ~35-40 s, ~6-8 s with inductor's on-disk cache warm (the probe warms it for the
+  actors on its node). Without a model: float32, contiguous, eager, batch 128.
 
 Reduced precision changes the function being certified (the base classifier is the model run in
 that precision): the certificate holds for the function that was run, which the manifest records.
@@ -46,6 +48,7 @@ CUDA_PROBE_START = 128
 MAX_CUDA_BATCH = 4096
 PROBE_SIGMA = 0.5                  # the sigma of the probe's samples (cost does not depend on it)
 CPU_COMPILE_MIN_WORK_S = 240.0     # eager seconds of work per actor from which compiled settings are measured
+CPU_MEASURE_S = 0.75               # each CPU candidate is timed over at least this long (two batches at least)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def resolve_device_settings(compute_cfg: Mapping[str, Any], device: torch.device
                             work_samples: float | None = None) -> DeviceSettings:
     """The settings for ``device`` (module docstring): explicit config values, the rest by policy
     (CUDA) or measured on ``model`` at ``sample_shape`` ([3, H, W]; default: the denoiser's
-    training size) (CPU). ``work_samples``: the samples one actor will draw at most (None: unknown,
+    training size) (CPU). ``work_samples``: the samples one actor is expected to draw (None: unknown,
     compiled settings are not measured). ``model`` is moved to ``device`` when measured."""
     device = torch.device(device)
     fixed = explicit_settings(compute_cfg)
@@ -133,28 +136,30 @@ def fastest(sweep: Sequence[Measurement], work_samples: float | None) -> Measure
 
 def measure_cpu_sweep(model: torch.nn.Module, device: torch.device, shape: tuple[int, ...],
                       fixed: Mapping[str, Any], work_samples: float | None = None,
-                      passes: int = 2) -> list[Measurement]:
+                      min_seconds: float = CPU_MEASURE_S) -> list[Measurement]:
     """Samples/s of each candidate (dtype x layout at :data:`CPU_PROBE_BATCH`, then the fastest at
     each of :data:`CPU_BATCHES`; then, when ``work_samples`` at that speed takes at least
     :data:`CPU_COMPILE_MIN_WORK_S`, one compiled candidate at that batch: module docstring),
     explicit values held fixed
     (an explicit ``compile`` is not measured: the eager sweep picks the rest); the first entry is
     the reference (float32, channels_last where free). Each candidate: one warm-up batch (timed:
-    the compile), then ``passes`` batches."""
+    the compile), then whole batches for at least ``min_seconds`` (at least two): a fixed count of
+    two batches, 0.1 s on the demo's models, let this host's drift pick bf16 eager over a compiled
+    setting 1.5x faster."""
     dtypes = [fixed["dtype"]] if "dtype" in fixed else ["float32", "bfloat16"]
     layouts = [fixed["channels_last"]] if "channels_last" in fixed else [True, False]
     probe_batch = fixed.get("batch_size", CPU_PROBE_BATCH)
     image = torch.rand((1, *shape), generator=torch.Generator().manual_seed(0))
-    sweep = [_measure(model, device, image, dt, cl, probe_batch, passes) for dt, cl in itertools.product(dtypes, layouts)]
+    sweep = [_measure(model, device, image, dt, cl, probe_batch, min_seconds) for dt, cl in itertools.product(dtypes, layouts)]
     best = max(sweep, key=lambda m: m.samples_per_s)
     if "batch_size" not in fixed:
-        sweep += [_measure(model, device, image, best.dtype, best.channels_last, b, passes)
+        sweep += [_measure(model, device, image, best.dtype, best.channels_last, b, min_seconds)
                   for b in CPU_BATCHES if b != probe_batch]
         best = max(sweep, key=lambda m: m.samples_per_s)
     if "compile" not in fixed and work_samples is not None and work_samples / best.samples_per_s >= CPU_COMPILE_MIN_WORK_S:
         dtype = fixed.get("dtype", "bfloat16" if native_bf16() else "float32")
         sweep.append(_measure(model, device, image, dtype, fixed.get("channels_last", False), best.batch_size,
-                              passes, compile=True))
+                              min_seconds, compile=True))
     return sweep
 
 
@@ -164,16 +169,16 @@ def native_bf16() -> bool:
 
 
 def _measure(model: torch.nn.Module, device: torch.device, image: torch.Tensor, dtype: str, channels_last: bool,
-             batch_size: int, passes: int, compile: bool = False) -> Measurement:
+             batch_size: int, min_seconds: float, compile: bool = False) -> Measurement:
     from pipeline.sampling import MonteCarloSampler
 
     sampler = MonteCarloSampler(model, batch_size, dtype, str(device), compile=compile, channels_last=channels_last)
-    start = time.perf_counter()
-    sampler.sample(image, ["device-probe"], [PROBE_SIGMA], 0, batch_size, seed=0)  # warm-up (the compile)
-    warmup = time.perf_counter() - start
-    start = time.perf_counter()
-    sampler.sample(image, ["device-probe"], [PROBE_SIGMA], 0, batch_size * passes, seed=1)
-    return Measurement(dtype, channels_last, batch_size, batch_size * passes / (time.perf_counter() - start),
+    warmup = sampler.warm_up(image.shape[1:], PROBE_SIGMA)  # the compile, for a compiled setting
+    batches, start = 0, time.perf_counter()
+    while batches < 2 or time.perf_counter() - start < min_seconds:
+        batches += 1
+        sampler.sample(image, ["device-probe"], [PROBE_SIGMA], 0, batch_size, seed=batches)
+    return Measurement(dtype, channels_last, batch_size, batch_size * batches / (time.perf_counter() - start),
                        compile, warmup)
 
 

@@ -17,6 +17,7 @@ pairs share a batch, or on when other pairs stopped.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -98,6 +99,14 @@ class MonteCarloSampler:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def warm_up(self, shape: Sequence[int], sigma: float) -> float:
+        """Seconds of one batch at ``sigma`` on a zero image of ``shape`` ([C, H, W]), counts
+        discarded: the compile, if any, and the device's one-time setup (kernels, allocator) happen
+        here, not in the first counted call."""
+        start = time.perf_counter()
+        self.sample(torch.zeros((1, *shape)), ["warm-up"], [sigma], 0, self.batch_size, seed=0)
+        return time.perf_counter() - start
 
     def sample(self, images, image_ids: Sequence[str], sigmas: Sequence[float], n0: int, n: int,
                seed: int) -> SampleCounts:

@@ -125,14 +125,14 @@ def load_torch_checkpoint(path: str) -> Any:
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or of a torch.save'd flat state dict (weights_only=True:
-    no arbitrary unpickling), on the CPU."""
+    """Tensors of a .safetensors file, or of a torch.save'd flat state dict (read by
+    :func:`load_torch_checkpoint`: no arbitrary unpickling), on the CPU."""
     import safetensors.torch
     import torch
 
     if path.endswith(".safetensors"):
         return safetensors.torch.load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_checkpoint(path)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat state dict of tensors")
     return dict(state)

@@ -11,6 +11,8 @@ implementations against this project, on the same images, models, sigmas, n0, n 
     (:data:`PROJECT_DEFAULTS`: device settings measured on the device, sequential sampling with
     n_max = n), not the demo's pinned ones.
 (c) ``cascade``: the same in cascade mode; its table is the cascade over every sigma.
+(b) and (c) each start with an empty torch.compile cache (:func:`empty_compile_cache`): a
+compiled setting costs them a first user's cold compile.
 
 :func:`fixed_vs_sequential` times the project alone with fixed and with sequential sampling
 (same n_max and alpha), per mode: the samples each spends and both certified tables.
@@ -26,8 +28,11 @@ plus one image). The smoothed functions differ only by the timestep's rounding (
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +235,8 @@ def time_to_table(work_dir: Path, images: int, n0: int, n: int, batch_size: int,
             result.tables[path] = reference_table(reference_cfg, batch_size)
             result.samples[path] = result.samples_per_image
         else:
-            result.tables[path], counts = project_run(project_cfg, path)
+            with empty_compile_cache(work_dir):
+                result.tables[path], counts = project_run(project_cfg, path)
             result.samples[path] = float((counts.table["n0"].to_numpy() + counts.table["n"].to_numpy()).sum()) / images
         result.seconds[path] = time.perf_counter() - start
     if "reference" in result.tables and "full" in result.tables:
@@ -238,6 +244,23 @@ def time_to_table(work_dir: Path, images: int, n0: int, n: int, batch_size: int,
         singles = full[~full["method"].astype(str).str.startswith("cascade")]
         result.agreement = compare_tables(result.tables["reference"], singles)
     return result
+
+
+@contextlib.contextmanager
+def empty_compile_cache(parent: Path):
+    """torch.compile's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) in a new empty folder under
+    ``parent``, for the processes started inside: the embedded Ray's probe and actors inherit it,
+    so each timed path pays a first user's cold compile, not a cache an earlier path warmed."""
+    parent.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-", dir=parent)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 @dataclass

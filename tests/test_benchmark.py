@@ -173,3 +173,22 @@ def test_time_to_table_reference_and_full_mode_agree_where_noise_cannot_differ(r
     assert (agreement.same_decision, agreement.images, agreement.within_noise) == (2, 2, True)
     text = "\n".join(result.lines())
     assert "faster than (a)" in text and "| sigma=0.05 | 2 |" in text
+
+
+def test_each_project_path_starts_with_an_empty_compile_cache(tmp_path, monkeypatch):
+    """(b) and (c) each pay a first user's compile: a new empty cache folder per path, for the
+    processes started inside (through the environment), and the caller's setting back after."""
+    import os
+    from pathlib import Path
+
+    from pipeline.time_to_table import empty_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "warm"))
+    folders = []
+    for _ in range(2):
+        with empty_compile_cache(tmp_path / "work"):
+            folder = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+            assert folder.parent == tmp_path / "work" and folder.is_dir() and not any(folder.iterdir())
+            (folder / "compiled").write_text("x")  # what a path's compile leaves behind
+            folders.append(folder)
+    assert folders[0] != folders[1] and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "warm")

@@ -43,7 +43,7 @@ def fake_speeds(speeds):
     """A _measure that returns ``speeds[(dtype, channels_last, batch)]`` and records what was asked."""
     asked = []
 
-    def measure(model, device, image, dtype, channels_last, batch_size, passes, compile=False):
+    def measure(model, device, image, dtype, channels_last, batch_size, min_seconds, compile=False):
         key = (dtype, channels_last, batch_size, "compiled") if compile else (dtype, channels_last, batch_size)
         asked.append(key)
         return Measurement(dtype, channels_last, batch_size, speeds[key], compile, 30.0 if compile else 0.1)

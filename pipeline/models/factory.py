@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -109,12 +109,21 @@ def create_denoise_classify(denoiser_spec: Mapping[str, Any] | None, classifier_
     placement is a ConfigError naming the keys. Without it the same check runs at the first
     forward pass, on the input's actual size.
     """
-    denoiser = None if denoiser_spec is None else _denoiser(denoiser_spec, cache_dir, resolution)
+    models = {"denoiser": denoiser_spec, "classifier": classifier_spec, "cache_dir": cache_dir}
+    return assemble_denoise_classify(models, [load() for _, _, load in model_loaders(models, resolution)])
+
+
+def assemble_denoise_classify(models: Mapping[str, Any], loaded: Sequence[Any]) -> DenoiseAndClassify:
+    """The DenoiseAndClassify (eval mode) of the models that :func:`model_loaders` (``models``)
+    loaded, in its order: a caller that loads them one by one, to name the one that fails, builds
+    the model from those parts without loading any of them again."""
+    parts = list(loaded)
+    denoiser = parts.pop(0) if models["denoiser"] is not None else None
+    classifier_spec = models["classifier"]
     if classifier_spec.get("per_sigma") is None:
-        classifier = load_classifier(classifier_spec, cache_dir)
+        (classifier,) = parts
     else:
-        classifier = PerSigmaClassifier({sigma: load_classifier(spec, cache_dir)
-                                         for sigma, spec in _per_sigma_specs(classifier_spec).items()})
+        classifier = PerSigmaClassifier(dict(zip(_per_sigma_specs(classifier_spec), parts, strict=True)))
     return DenoiseAndClassify(denoiser, classifier).eval()
 
 

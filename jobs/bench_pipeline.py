@@ -8,7 +8,8 @@ config's models, resolution, sigmas, n0, n, seed and the same device settings: t
 with ``auto`` values resolved once in this process and pinned for the Ray run; torch threads are
 what the actor uses (``compute.torch_threads``, else ``compute.cpus_per_actor``). The images are
 random JPEGs (the work does not depend on their content) in Parquet shards (pipeline.shard_writer).
-In process: one ``MonteCarloSampler.sample`` call on every decoded image, timed alone, before and
+In process: one ``MonteCarloSampler.sample`` call on every decoded image (model and images loaded
+once, for every run), timed alone, before and
 after each Ray run. Ray: ``pipeline.certify_run.run_certification`` on a local Ray
 (pipeline.ray_runtime), ``--repeats`` times (a run id each); the actor's sampling time is the sum of
 the counts rows' ``seconds`` (wall time per (image, sigma)). Each Ray run is compared with the mean
@@ -42,25 +43,21 @@ def write_images(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
-def in_process_sampling(cfg, images_dir: Path) -> float:
-    """Seconds of one ``MonteCarloSampler.sample`` call on every image, with the config's
-    (pinned) device settings and the actor's thread count, in this process."""
-    from pipeline.certify_actor import set_threads
-    from pipeline.device_settings import resolve_device_settings
+def decode_images(cfg, images_dir: Path) -> tuple[list[str], np.ndarray]:
+    """(image ids, float [N, 3, R, R]) of the JPEGs, decoded and resized as the config's data section says."""
     from pipeline.images import resize_image, to_float_chw
-    from pipeline.models.factory import create_denoise_classify
-    from pipeline.sampling import MonteCarloSampler
 
-    d, s, c = cfg.data, cfg.smoothing, cfg.compute
-    set_threads(c)
-    model = create_denoise_classify(cfg.models["denoiser"], cfg.models["classifier"], cfg.models["cache_dir"],
-                                    resolution=d["resolution"])
-    sampler = MonteCarloSampler.from_settings(model, resolve_device_settings(c, "cpu"), "cpu")  # all four pinned
+    d = cfg.data
     files = sorted(images_dir.rglob("*.jpg"))
     x = to_float_chw(np.stack([resize_image(f.read_bytes(), d["resolution"], d["resize"], d["crop"], d["interpolation"])
                                for f in files]))
+    return [f.stem for f in files], x
+
+
+def in_process_sampling(sampler, image_ids: list[str], x: np.ndarray, smoothing) -> float:
+    """Seconds of one ``MonteCarloSampler.sample`` call on every image, in this process."""
     start = time.perf_counter()
-    sampler.sample(x, [f.stem for f in files], list(s["sigmas"]), s["n0"], s["n"], s["seed"])
+    sampler.sample(x, image_ids, list(smoothing["sigmas"]), smoothing["n0"], smoothing["n"], smoothing["seed"])
     return time.perf_counter() - start
 
 
@@ -83,6 +80,7 @@ def main() -> None:
     from pipeline.models.factory import create_denoise_classify
     from pipeline.ray_runtime import ray_session
     from pipeline.run_dir import RunDirectory
+    from pipeline.sampling import MonteCarloSampler
     from pipeline.shard_writer import make_shards
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -97,9 +95,11 @@ def main() -> None:
         model = create_denoise_classify(cfg.models["denoiser"], cfg.models["classifier"], cfg.models["cache_dir"],
                                         resolution=resolution)
         settings = resolve_device_settings(c, "cpu", model, (3, resolution, resolution))  # once, as the probe does
-        # both paths run exactly these settings
+        # both paths run exactly these settings, with the actor's thread count
         cfg = config_from_dict(cfg.to_dict(), [f"compute.{k}={v}" for k, v in settings.record().items() if k != "reason"])
-        local_s, actor_s, ray_wall = [in_process_sampling(cfg, images)], [], []
+        sampler = MonteCarloSampler.from_settings(model, settings, "cpu")
+        image_ids, x = decode_images(cfg, images)
+        local_s, actor_s, ray_wall = [in_process_sampling(sampler, image_ids, x, cfg.smoothing)], [], []
         for repeat in range(args.repeats):
             run_cfg = config_from_dict(cfg.to_dict(), [f"output.run_id=bench-{repeat}"])
             with ray_session(log_to_driver=False):
@@ -109,7 +109,7 @@ def main() -> None:
             store = RunDirectory(run_cfg.output["uri"], run_cfg.output["run_id"])
             table = pa.concat_tables([pq.read_table(p, columns=["seconds"]) for p in store.counts_files()])
             actor_s.append(float(pc.sum(table.column("seconds")).as_py()))  # seconds are per (image, sigma) row
-            local_s.append(in_process_sampling(cfg, images))
+            local_s.append(in_process_sampling(sampler, image_ids, x, cfg.smoothing))
     s = cfg.smoothing
     samples = args.images * len(s["sigmas"]) * (s["n0"] + s["n"])
     ratios = [(local_s[i] + local_s[i + 1]) / 2 / actor_s[i] for i in range(args.repeats)]

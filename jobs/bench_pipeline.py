@@ -73,7 +73,7 @@ def main() -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.certify_actor import set_threads
+    from pipeline.certify_actor import prepare_sampling_process
     from pipeline.certify_run import run_certification
     from pipeline.config import config_from_dict, load_config
     from pipeline.device_settings import resolve_device_settings
@@ -91,7 +91,7 @@ def main() -> None:
         cfg = load_config(args.config, [f"data.uri=file://{root}/shards/", "data.selection=null",
                                         f"output.uri=file://{root}/runs", *args.set])
         c, resolution = cfg.compute, cfg.data["resolution"]
-        set_threads(c)
+        prepare_sampling_process(c)
         model = create_denoise_classify(cfg.models["denoiser"], cfg.models["classifier"], cfg.models["cache_dir"],
                                         resolution=resolution)
         settings = resolve_device_settings(c, "cpu", model, (3, resolution, resolution))  # once, as the probe does

@@ -38,6 +38,7 @@ import torch
 from pipeline.certification import SparseCounts, cascade_stage_outcome, walk_cascade
 from pipeline.counts_schema import COUNTS_SCHEMA
 from pipeline.device_settings import DeviceSettings, resolve_device_settings
+from pipeline.host_allocator import retain_freed_memory
 from pipeline.images import to_float_chw
 from pipeline.models.factory import assemble_denoise_classify, create_denoise_classify, model_checksums, model_loaders
 from pipeline.run_dir import RunDirectory
@@ -58,7 +59,7 @@ class CertifyActor:
 
     def __init__(self, config: Mapping[str, Any], device_settings: Mapping[str, Any]):
         compute, models, resolution = config["compute"], config["models"], config["data"]["resolution"]
-        set_threads(compute)
+        prepare_sampling_process(compute)
         model = create_denoise_classify(models["denoiser"], models["classifier"], models["cache_dir"],
                                         resolution=resolution)
         checksums = model_checksums(model)
@@ -187,7 +188,7 @@ def probe_models(config: Mapping[str, Any], recorded: Mapping[str, Any] | None,
             return f"{key} {source}: {cause}", None
     if recorded is not None:
         return None, dict(recorded)
-    set_threads(compute)
+    prepare_sampling_process(compute)
     model = assemble_denoise_classify(models, loaded)
     settings = resolve_device_settings(compute, actor_device(compute), model, (3, resolution, resolution), work_samples)
     return None, settings.record()
@@ -198,9 +199,12 @@ def actor_device(compute: Mapping[str, Any]) -> str:
     return "cuda" if compute["gpus_per_actor"] > 0 else "cpu"
 
 
-def set_threads(compute: Mapping[str, Any]) -> None:
-    """torch's intra-op threads: ``compute.torch_threads``, else the actor's whole CPUs (at least 1)."""
+def prepare_sampling_process(compute: Mapping[str, Any]) -> None:
+    """This process as every sampling process runs: torch's intra-op threads
+    (``compute.torch_threads``, else the actor's whole CPUs, at least 1) and glibc's malloc keeping
+    freed memory for the next batch (:func:`pipeline.host_allocator.retain_freed_memory`)."""
     torch.set_num_threads(compute["torch_threads"] or max(1, int(compute["cpus_per_actor"])))
+    retain_freed_memory()
 
 
 def _on_rows(values: np.ndarray, part_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:

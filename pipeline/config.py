@@ -160,6 +160,7 @@ def radius_grid(key: str, v: Any) -> tuple[float, ...]:
 
 above_one = number_in(1, INF, "()", "must be a finite number > 1")
 zero_to_half = number_in(0, 0.5, "[)")
+zero_to_one = number_in(0, 1, "[)")
 unit_share = number_in(0, 1, "(]")
 
 
@@ -171,6 +172,10 @@ def sampling_rules(check: Check) -> Check:
         if out["sampling"] == "sequential":
             if out["alpha"] >= 0.5:
                 _fail(f"{key}.alpha", "must be < 0.5 with sequential sampling", out["alpha"])
+            looks = out["sequential"]
+            if looks["final_share"] + looks["top_share"] > 1:
+                _fail(f"{key}.sequential.top_share", "must be <= 1 - final_share (shares of one alpha)",
+                      looks["top_share"])
             if out["mode"] == "cascade" and out["schedule"] != "bonferroni":
                 _fail(f"{key}.schedule", "must be bonferroni with sequential sampling in cascade mode", out["schedule"])
         return out
@@ -355,7 +360,8 @@ SCHEMA: dict[str, Check] = {
         "sequential": (None, section({                  # looks first_look * look_ratio**i up to n
             "first_look": (100, positive_int),
             "look_ratio": (1.25, above_one),
-            "final_share": (0.8, unit_share),           # alpha's share spent at the last look
+            "final_share": (0.75, unit_share),          # alpha's share spent at the last look
+            "top_share": (0.2, zero_to_one),            # at the looks certifying each sigma's top bin
             "futility": (0.1, zero_to_half)})),         # level of the futility bound; 0: none
     })),
     "compute": section({

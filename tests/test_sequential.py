@@ -20,7 +20,7 @@ from analysis.sequential_sim import (IMAGENET_RADII, compare, draw_paths, fixed_
                                      mixture_table, run_table)
 from pipeline.certification import FALL_THROUGH, FIRE, SparseCounts, certify_cascade_sparse
 from pipeline.sequential import (LookTable, SequentialError, SequentialPlan, certify_cascade_sequential_sparse,
-                                 certify_sequential_sparse, lower_bound_counts, upper_bound_counts)
+                                 certify_sequential_sparse, lower_bound_counts, top_looks, upper_bound_counts)
 from tests.test_soundness import SIGMAS as CASCADE_SIGMAS
 from tests.test_soundness import failure_rate, population_cascade
 
@@ -68,7 +68,32 @@ def test_plan_table_is_clopper_pearson_at_each_looks_share():
         for g in range(len(q)):
             hits = np.flatnonzero(lower >= q[g])
             assert table.certify[j, g] == (hits[0] if hits.size else n + 1)
-    assert math.isclose(sum(plan.spend), 1.0) and plan.spend[-1] == 0.8
+    assert math.isclose(sum(plan.spend), 1.0) and plan.spend[-1] == 0.75
+
+
+def test_top_looks_are_where_agreeing_samples_first_certify_each_sigmas_top_bin():
+    n_max, alpha, share = 10_000, 0.001, 0.2
+    plan = SequentialPlan.geometric(n_max, alpha, DIGITS_RADII, (0.25, 1.0), top_share=share)
+    # brute force, scipy's beta: the top bin reachable at n_max per sigma, then the first n certifying it
+    thresholds = set()
+    for sigma in (0.25, 1.0):
+        q = special.ndtr(np.asarray(DIGITS_RADII) / sigma)
+        reachable = q[q <= stats.beta.ppf(alpha, n_max, 1)]
+        thresholds.add(float(reachable.max()))
+    assert len(thresholds) == 2  # sigma 0.25: r = 0.75 (Phi(3)); sigma 1.0: r = 2.0 (Phi(2))
+    expected = {}
+    for q in thresholds:
+        n = next(n for n in range(1, n_max) if stats.beta.ppf(alpha * share / 2, n, 1) >= q)
+        expected[n] = share / 2
+    assert top_looks(n_max, alpha, DIGITS_RADII, (0.25, 1.0), share) == pytest.approx(expected)
+    for n, each in expected.items():
+        j = plan.looks.index(n)
+        assert plan.spend[j] >= each  # its own share (plus a geometric look's when they coincide)
+        sigma, top_bin = (0.25, 3) if n > 1000 else (1.0, 8)
+        assert plan.table(sigma).decide(n, j)[1] == top_bin  # n agreeing samples certify it there
+    assert math.isclose(sum(plan.spend), 1.0)
+    assert top_looks(n_max, alpha, DIGITS_RADII, (0.25,), 0.0) == {}
+    assert SequentialPlan.geometric(100, alpha, DIGITS_RADII, (1.0,), first=100).looks == (100,)  # one look stays one
 
 
 def test_continue_rule_matches_brute_force_without_futility():
@@ -108,6 +133,7 @@ SINGLE = {
     "p at 0.5 (radius 0)": (400, 20, 1.0, (0.0,), 0),
     "mid-grid boundary r = 0.5 of 4 bins": (2000, 20, 1.0, (0.0, 0.5, 1.0, 1.5), 1),
     "large n_max, digits grid, r = 1.0": (10_000, 100, 1.0, DIGITS_RADII, 4),
+    "top look: p at the top reachable bin r = 2.0": (2000, 20, 1.0, DIGITS_RADII, 8),
 }
 
 

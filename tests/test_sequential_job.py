@@ -21,7 +21,7 @@ from pipeline.images import resize_image, to_float_chw
 from pipeline.models.factory import create_denoise_classify
 from pipeline.run_dir import RunDirectory
 from pipeline.sampling import MonteCarloSampler
-from pipeline.sequential import SequentialError, SequentialPlan
+from pipeline.sequential import SequentialError, SequentialPlan, top_looks
 from pipeline.shards import list_shards
 from tests.test_certify_job import bucket, images, make_config, models, read_dir, shards  # noqa: F401 (fixtures)
 
@@ -42,7 +42,8 @@ def run(models, bucket, run_id, *extra):
 def test_sequential_rows_are_the_plans_and_the_aggregation_recomputes_them(ray_local, models, bucket, shards, mode):
     cfg, store, rows = run(models, bucket, f"seq-{mode}", f"smoothing.mode={mode}")
     plan = SequentialPlan.from_dict(store.read_manifest()["sequential_plan"])
-    assert plan.looks == (8, 16, 32, 64) and plan.mode == mode
+    top = top_looks(64, 0.05, plan.radii, plan.sigmas, 0.2)  # the config's default top_share
+    assert plan.looks == tuple(sorted({8, 16, 32, *top})) + (64,) and plan.mode == mode
     assert (rows["n"] == np.asarray(plan.looks)[rows["look"]]).all()
     assert (rows["n"] < 64).any(), "some pair should stop before n_max (random models: futility)"
     if mode == "full":

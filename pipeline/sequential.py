@@ -26,7 +26,8 @@ confidence sequence pays for its validity at every n with a wider bound at n_max
 the ImageNet protocol (``jobs.bench_sequential --compare-methods``), the mixture stops earlier
 (5.6x fewer samples than fixed at the same looks) but certifies up to 3.9 points less than the
 fixed protocol at the top reachable radii, past the 1-point bar; this plan: 4.4x, within 0.5
-points (4.2x with 80% on the last look and no top looks, :meth:`SequentialPlan.geometric`). See ``analysis/sequential_sim.py``.
+points (4.2x with 80% on the last look and no top looks, :meth:`SequentialPlan.geometric`).
+See ``analysis/sequential_sim.py``.
 
 Stopping (single sigma). At look j with bin g the pair stops when
 
@@ -189,7 +190,8 @@ class LookTable:
         return k >= np.where(nxt < top, self.go[look, np.minimum(nxt, top - 1)], _NEVER)
 
 
-def top_looks(n_max: int, alpha: float, radii: Sequence[float], sigmas: Sequence[float], share: float) -> dict[int, float]:
+def top_looks(n_max: int, alpha: float, radii: Sequence[float], sigmas: Sequence[float],
+              share: float) -> dict[int, float]:
     """{look: spend} where a pair whose samples all agree first certifies its sigma's *top
     reachable bin* (the largest grid radius that n_max agreeing samples certify at ``alpha``):
     per distinct probability threshold q = Phi(r / sigma) of those bins, the smallest n with
@@ -289,17 +291,17 @@ class SequentialPlan:
         """Looks at ``first * ratio**i`` (rounded, distinct) up to ``n_max``, plus the *top looks*
         (:func:`top_looks`); the last look spends ``final_share`` of the budget, the top looks
         ``top_share`` (split evenly; what no top look can use goes to the last look), the other
-        looks the rest (evenly). A top look that falls on a geometric look adds its share to it. Everything depends on the plan's declared
-        parameters only, never on data.
+        looks the rest (evenly). A top look that falls on a geometric look adds its share to it.
+        Everything depends on the plan's declared parameters, never on data.
 
         The defaults (with ``futility`` = 0.1) were chosen by simulation (``jobs.bench_sequential``;
-        ImageNet protocol and the demo digits' per-row probabilities): most of alpha stays on the
-        last look, where the pairs at the top reachable bins are decided (half of it there cost up
-        to 2 points of certified accuracy at ImageNet); a top look stops the pairs whose samples
-        all agree as soon as they certify their sigma's top reachable bin (about 7,100 samples at
-        n_max = 10,000 and alpha = 0.001 instead of 8,700: 1.60x -> 1.74x fewer samples on the
-        digits, 4.20x -> 4.33x at ImageNet, within 0.5 points); looks 25% apart cut the overshoot
-        past the look where a pair is decided."""
+        the ImageNet protocol and the demo digits' per-row probabilities): most of alpha stays on
+        the last look, where the pairs at the top reachable bins are decided (half of it there cost
+        up to 2 points of certified accuracy at ImageNet); a top look stops the pairs whose samples
+        all agree as soon as they certify their sigma's top reachable bin (at n_max = 10,000 and
+        alpha = 0.001: after 6,300-6,800 samples instead of 8,674; 1.60x -> 1.79x fewer samples
+        on the digits, 4.20x -> 4.42x at ImageNet, within 0.5 points); looks 25% apart cut the
+        overshoot past the look where a pair is decided."""
         count = int(np.floor(np.log(n_max / first) / np.log(ratio))) + 1 if first < n_max else 0
         regular = {n for n in (int(round(first * ratio**i)) for i in range(count)) if n < n_max}
         top = top_looks(n_max, alpha, radii, sigmas, top_share) if regular else {}  # one look: n_max alone

@@ -198,21 +198,18 @@ def top_looks(n_max: int, alpha: float, radii: Sequence[float], sigmas: Sequence
     (alpha * share / m)^(1 / n) >= q (the one-sided Clopper-Pearson lower bound of n agreeing
     samples), ``share`` split evenly over the m thresholds whose n is below n_max (the others,
     decided only at n_max, get none). An empty dict when ``share`` = 0 or no threshold has a look."""
+    if share <= 0:
+        return {}
     radii, reach = np.asarray(radii, dtype=float), alpha ** (1.0 / n_max)
-    thresholds = set()
-    for sigma in sigmas:
-        q = special.ndtr(radii / sigma)
-        if share > 0 and np.any(q <= reach):
-            thresholds.add(float(q[q <= reach].max()))
+    thresholds = {float(q[q <= reach].max()) for q in (special.ndtr(radii / sigma) for sigma in sigmas)
+                  if np.any(q <= reach)}
     while thresholds:
         each = share / len(thresholds)
-        looks = {q: _agreeing_samples(alpha * each, q) for q in thresholds}
-        if all(n < n_max for n in looks.values()):
-            out: dict[int, float] = {}
-            for n in looks.values():
-                out[n] = out.get(n, 0.0) + each
-            return out
-        thresholds = {q for q, n in looks.items() if n < n_max}
+        looks = [_agreeing_samples(alpha * each, q) for q in thresholds]
+        kept = {q for q, n in zip(thresholds, looks) if n < n_max}
+        if kept == thresholds:
+            return {n: each * looks.count(n) for n in looks}
+        thresholds = kept
     return {}
 
 

@@ -11,11 +11,12 @@ random JPEGs (the work does not depend on their content) in Parquet shards (pipe
 In process: one ``MonteCarloSampler.sample`` call on every decoded image (model and images loaded
 once, for every run), timed alone, before and after each Ray run. Ray:
 ``pipeline.certify_run.run_certification`` on a local Ray (pipeline.ray_runtime), ``--repeats``
-times (a run id each); the actor's sampling time is the sum of the counts rows' ``seconds`` (wall time per (image, sigma)). Each Ray run is compared with the mean
-of the in-process runs on either side of it (the load of a shared machine drifts by up to 30%
-between minutes); the ratio printed is the median over the repeats (actor / in process; >= 0.95 is
-the bar of issue 12), beside every run's figures, the Ray runs' wall time (start, decode, model load
-and writes included) and the load average.
+times (a run id each); the actor's sampling time is the sum of the counts rows' ``seconds`` (wall
+time per (image, sigma)). Each Ray run is compared with the mean of the in-process runs on either
+side of it (the load of a shared machine drifts by up to 30% between minutes); the ratio printed is
+the median over the repeats (actor / in process; >= 0.95 is the bar of issue 12), beside every
+run's figures, the Ray runs' wall time (start, decode, model load and writes included) and the
+load average.
 """
 from __future__ import annotations
 

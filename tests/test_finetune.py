@@ -159,3 +159,18 @@ def test_two_worker_run_on_s3_is_certifiable_and_resumes(ray_local, s3_bucket, m
     # a re-submission that would change the trajectory is refused before any work
     with pytest.raises(ConfigError, match=r"checkpoint.name: run exists with a different config \(loss.lam differ\)"):
         run_finetuning(finetune_config_from_dict(raw_config(models), [*overrides, "training.steps=5", "loss.lam=2.0"]))
+
+
+def test_one_worker_runs_repeat_bit_for_bit(ray_local, models, shards, tmp_path):
+    """Two fresh one-worker runs of the same config export the same weights, byte for byte (what
+    makes the committed demo denoiser reproducible): the batches follow the shards' order, not the
+    order in which the decode tasks finish."""
+    def run(name: str) -> bytes:
+        overrides = [f"data.uri={os.path.dirname(shards[0])}", f"checkpoint.uri={tmp_path / 'checkpoints'}",
+                     f"checkpoint.name={name}", f"output.uri={tmp_path / name}", "compute.num_workers=1",
+                     "compute.cpus_per_worker=0.5", "compute.cpus_per_task=0.25", "compute.torch_threads=1",
+                     "training.steps=6", "training.batch_size=4", "training.holdout_fraction=0.2", "loss.mu=1.0"]
+        run_finetuning(finetune_config_from_dict(raw_config(models), overrides))
+        return (tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    assert run("first") == run("second")

@@ -13,6 +13,10 @@ Guarantees:
 * It runs on the Ray of :func:`pipeline.ray_runtime.ray_session`: the one already initialised in
   this process, the cluster of ``ray job submit`` (``RAY_ADDRESS``, no resources asked), or else
   an embedded local Ray for the duration of the run.
+* One worker's run repeats bit for bit (same config, data and thread count): batches come in the
+  shards' order (Ray Data's ``preserve_order``), shuffled with a seeded buffer, and the noise is
+  seeded per step (pipeline.finetuning.trainer). With several workers, which blocks reach which
+  worker depends on timing.
 * Rank 0 writes the result after the last step: the EMA denoiser as a diffusers folder at
   ``output.uri`` with the resolved config and the final held-out figures (``finetune_config.json``).
 """
@@ -113,7 +117,7 @@ def train_loop(cfg: dict) -> None:
     metrics: dict[str, float] = {"step": finetuner.step, "epoch": finetuner.epoch, "start_step": start_step}
     while finetuner.step < t["steps"]:
         batches = 0
-        # the shuffle is seeded per (seed, epoch, rank): a run is reproducible given its data order
+        # the shuffle is seeded per (seed, epoch, rank) over batches in the shards' order (run_finetuning)
         for batch in train.iter_torch_batches(batch_size=t["batch_size"], drop_last=True,
                                               local_shuffle_buffer_size=4 * t["batch_size"],
                                               local_shuffle_seed=t["seed"] + 1000 * finetuner.epoch + rank):
@@ -203,7 +207,7 @@ def check_resumable(cfg: FinetuneConfig) -> None:
 def run_finetuning(cfg: FinetuneConfig) -> dict:
     """Fine-tune (or resume, or re-export a finished run) on the Ray of
     :func:`pipeline.ray_runtime.ray_session`; returns a summary."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.constants import RAY_CHDIR_TO_TRIAL_DIR
     from ray.train.torch import TorchTrainer
 
@@ -216,6 +220,10 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
     # Ray Train would move each worker into its trial folder; keeping the job's working directory
     # makes a relative path in the config name the same file for the workers as for this driver.
     os.environ.setdefault(RAY_CHDIR_TO_TRIAL_DIR, "0")
+    # Batches in the shards' order (Ray Data otherwise yields blocks as their decode tasks finish):
+    # with one worker the data order, hence the weights, repeat run to run.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     with ray_session():  # the running Ray, the cluster of `ray job submit`, or an embedded local one
         trainer = TorchTrainer(
             train_loop,
@@ -226,6 +234,7 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
                                  failure_config=FailureConfig(max_failures=c["max_failures"]),
                                  checkpoint_config=CheckpointConfig(num_to_keep=k["num_to_keep"])),
             datasets=build_datasets(cfg),
+            dataset_config=DataConfig(execution_options=ingest),
         )
         result = trainer.fit()
     return {"output": cfg.output["uri"], "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -32,7 +32,7 @@ from analysis.results import cascade_method, certify_table, concat_results, sing
 from analysis.summary import radius_column, summarize, to_markdown
 from pipeline.certification import cascade_stage_outcome, walk_cascade
 from pipeline.certify_run import run_certification
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.digits import DEMO_CONFIG, DEMO_MODELS, DEMO_RADII, write_digit_shards
 from pipeline.ray_runtime import ray_session
 
@@ -52,11 +52,17 @@ class DemoRuns:
 def demo_configs(shards_uri: str, runs_uri: str, overrides: Sequence[str], models: Path = DEMO_MODELS
                  ) -> tuple[Config, Config]:
     """(original denoiser, mode full; fine-tuned denoiser, mode cascade) from configs/demo.yaml +
-    overrides, with the classifier and the two denoisers of the ``models`` folder."""
+    overrides, with the classifier and the two denoisers of the ``models`` folder. ConfigError
+    for sequential sampling: the single sigmas and the original cascade are read from one
+    ``full``-mode run, and a sequential full-mode run stops each sigma for its own radii, not for
+    the cascade's decisions (pipeline.sequential.SequentialPlan.uncovered)."""
     common = [f"data.uri={shards_uri}", f"models.classifier.uri={models / 'classifier.safetensors'}",
               f"output.uri={runs_uri}"]
     original = load_config(str(DEMO_CONFIG), [
         *common, f"models.denoiser.uri={models / DENOISERS['original']}", *overrides, "smoothing.mode=full"])
+    if original.smoothing["sampling"] != "fixed":
+        raise ConfigError(f"smoothing.sampling: the demo reads the single sigmas and the cascade from one full-mode "
+                          f"run, which needs fixed sampling, got {original.smoothing['sampling']!r}")
     finetuned = load_config(str(DEMO_CONFIG), [
         *common, f"models.denoiser.uri={models / DENOISERS['fine-tuned']}", *overrides, "smoothing.mode=cascade",
         f"output.run_id={original.output['run_id']}-finetuned"])

@@ -23,8 +23,8 @@ from scipy import stats
 from conftest import submit_ray_job
 from jobs.demo import main
 from pipeline.certify_run import run_certification
-from pipeline.config import load_config
-from pipeline.demo import DENOISERS
+from pipeline.config import ConfigError, load_config
+from pipeline.demo import DENOISERS, demo_configs
 from pipeline.digits import DEMO_CONFIG, DEMO_MODELS, digits_split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +159,13 @@ def test_finetuned_denoiser_loads_and_differs_from_the_original():
     assert all(tuned[k].dtype == original[k].dtype and tuned[k].shape == original[k].shape for k in original)
     changed = [k for k in original if not (original[k] == tuned[k]).all()]
     assert len(changed) > len(original) // 2                    # fine-tuning moved most tensors
+
+
+def test_sequential_sampling_is_refused_naming_the_key(tmp_path):
+    """The demo's single sigmas and original cascade come from one full-mode run: sequential
+    counts of that run do not certify a cascade, so the demo refuses before certifying anything."""
+    with pytest.raises(ConfigError, match=r"^smoothing.sampling: .*fixed sampling, got 'sequential'"):
+        demo_configs(tmp_path.as_uri(), (tmp_path / "runs").as_uri(), ["smoothing.sampling=sequential"])
 
 
 def test_demo_runs_as_a_submitted_ray_job(ray_head, tmp_path):

@@ -48,6 +48,24 @@ def actor_pool(actors: int) -> "ray.data.ActorPoolStrategy":
     return ray.data.ActorPoolStrategy(size=actors, enable_true_multi_threading=True)
 
 
+# The share of n that sequential sampling is projected to draw, for the compile decision only: the
+# demo digits drew 0.51-0.54 of it (jobs.benchmark --time-to-table, 24 and 48 images, n = 10,000);
+# the simulation at the ImageNet protocol draws about 0.23 (4.4x fewer samples, jobs.bench_sequential),
+# so on such data the projection leans toward compiling.
+SEQUENTIAL_DRAW_SHARE = 0.5
+
+
+def projected_samples_per_actor(smoothing: dict, images: int, actors: int) -> float:
+    """The samples one actor is projected to draw, which decides whether a compiled setting is
+    measured (pipeline.device_settings): n0 + n per (image, sigma), n scaled by
+    :data:`SEQUENTIAL_DRAW_SHARE` under sequential sampling; every sigma in full mode, the top
+    stage alone in cascade mode (so that a cascade whose images fire early does not pay a compile
+    for samples it never draws)."""
+    sigmas_drawn = 1 if smoothing["mode"] == "cascade" else len(smoothing["sigmas"])
+    n = smoothing["n"] * (SEQUENTIAL_DRAW_SHARE if smoothing["sampling"] == "sequential" else 1.0)
+    return images * sigmas_drawn * (smoothing["n0"] + n) / actors
+
+
 def run_certification(cfg: Config) -> dict:
     """Run (or resume) the certification described by ``cfg``; returns :func:`finish`'s summary."""
     d, s, c = cfg.data, cfg.smoothing, cfg.compute
@@ -74,10 +92,7 @@ def run_certification(cfg: Config) -> dict:
     with ray_session():  # the running Ray, the cluster of `ray job submit`, or an embedded local one
         check_resources(c)  # a request that no node can ever hold fails now, naming the compute.* keys
         probe = ray.remote(probe_models).options(num_cpus=c["cpus_per_actor"], num_gpus=c["gpus_per_actor"])
-        # per actor: the fixed budget of the sigmas every image draws (cascade: the top stage alone,
-        # so that a cascade whose images fire early does not pay a compile for samples it never draws)
-        sigmas_drawn = 1 if s["mode"] == "cascade" else len(s["sigmas"])
-        work_samples = total * sigmas_drawn * (s["n0"] + s["n"]) / c["actors"]
+        work_samples = projected_samples_per_actor(s, total, c["actors"])
         failure, settings = ray.get(probe.remote(cfg.to_dict(), recorded_device_settings(store, c), work_samples))
         if failure is not None:
             raise ModelLoadError(f"{failure} (checked before the run: nothing was certified)")

@@ -13,12 +13,12 @@ accept ``auto`` (the default). :func:`resolve_device_settings` turns them into o
   noise, indexing and counting are included) at float32 / bfloat16 x channels_last on / off at
   batch 128, then the fastest of those at batch 64 and 256, each for at least
   :data:`CPU_MEASURE_S`. The sweep takes several seconds. ``torch.compile`` is measured too when
-  the run is long enough to pay for it: when one actor's work (``work_samples``: the run's fixed
-  sample budget per actor; in cascade mode the top stage's, the one every image draws) at the
-  fastest eager speed is at least :data:`CPU_COMPILE_MIN_WORK_S`, one compiled candidate is
-  timed, compile included: bfloat16 where the CPU computes it natively (oneDNN's bf16 support:
-  AVX512-BF16 / AMX), else float32 (contiguous, the eager winner's batch; inductor picks its own
-  memory formats). The setting that finishes that work first wins, the compile counted once. On
+  the run is long enough to pay for it: when one actor's work (``work_samples``, its projected
+  samples: pipeline.certify_run.projected_samples_per_actor) at the fastest eager speed is at
+  least :data:`CPU_COMPILE_MIN_WORK_S`, one compiled candidate is timed, compile included:
+  bfloat16 where the CPU computes it natively (oneDNN's bf16 support: AVX512-BF16 / AMX), else
+  float32 (contiguous, the eager winner's batch; inductor picks its own memory formats). The
+  setting that finishes that work first wins, the compile counted once. On
   the 2-core reference machine (demo models, batch 256, 12,288 samples each, 2026-12-07; the host
   drifts by up to 30%): float32 eager 1,460-1,800 samples/s, bfloat16 eager 1,790-2,390,
   bfloat16 compiled 2,520-2,910, the reference loop (pipeline.reference_loop) 1,450; a cold

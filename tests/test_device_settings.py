@@ -138,3 +138,14 @@ def test_cuda_policy(monkeypatch, bf16, dtype):
 def test_cuda_batch_probe_finds_a_batch_that_runs():
     got = resolve_device_settings(AUTO | {"compile": False}, "cuda", tiny_model(), (3, 16, 16))
     assert ds.CUDA_PROBE_START <= got.batch_size <= ds.MAX_CUDA_BATCH and "doubling probe" in got.reason
+
+
+def test_projected_work_counts_the_sigmas_drawn_and_the_sequential_share():
+    from pipeline.certify_run import SEQUENTIAL_DRAW_SHARE, projected_samples_per_actor
+
+    full = {"mode": "full", "sigmas": [0.25, 0.5, 1.0], "n0": 100, "n": 10_000, "sampling": "fixed"}
+    assert projected_samples_per_actor(full, 24, 2) == 24 * 3 * 10_100 / 2
+    assert projected_samples_per_actor(full | {"mode": "cascade"}, 24, 2) == 24 * 10_100 / 2  # the top stage
+    sequential = full | {"sampling": "sequential"}  # n0 is always drawn, n only in part
+    assert projected_samples_per_actor(sequential, 24, 1) == 24 * 3 * (100 + SEQUENTIAL_DRAW_SHARE * 10_000)
+    assert 0 < SEQUENTIAL_DRAW_SHARE < 1

@@ -124,13 +124,19 @@ def shards(tmp_path_factory):
     return make_shards(str(root / "images"), str(root / "shards"), "parquet", shard_size=8)
 
 
+def run_overrides(shards, checkpoints: str, output: str) -> list[str]:
+    """What every Ray Train run here sets: the digits shards, where checkpoints and the result go,
+    and a small CPU run with a held-out split."""
+    return [f"data.uri={os.path.dirname(shards[0])}", f"checkpoint.uri={checkpoints}", f"output.uri={output}",
+            "compute.cpus_per_worker=0.5", "compute.torch_threads=1", "training.batch_size=4",
+            "training.holdout_fraction=0.2", "loss.mu=1.0"]
+
+
 def test_two_worker_run_on_s3_is_certifiable_and_resumes(ray_local, s3_bucket, models, shards, tmp_path):
     base = f"s3://{s3_bucket}"
-    overrides = [f"data.uri={os.path.dirname(shards[0])}", f"checkpoint.uri={base}/checkpoints",
-                 f"output.uri={base}/finetuned", "compute.num_workers=2", "compute.cpus_per_worker=0.5",
-                 "compute.cpus_per_task=0.5", "compute.torch_threads=1", "compute.max_failures=0",
-                 "training.batch_size=4", "training.log_every=1", "training.checkpoint_every=2",
-                 "training.holdout_fraction=0.2", "loss.mu=1.0",
+    overrides = [*run_overrides(shards, f"{base}/checkpoints", f"{base}/finetuned"), "compute.num_workers=2",
+                 "compute.cpus_per_task=0.5", "compute.max_failures=0", "training.log_every=1",
+                 "training.checkpoint_every=2",
                  # a relative path names the same file for the workers as for the driver
                  f"models.classifier.uri={os.path.relpath(models / 'classifier.safetensors')}"]
     first = run_finetuning(finetune_config_from_dict(raw_config(models), [*overrides, "training.steps=3"]))
@@ -166,10 +172,9 @@ def test_one_worker_runs_repeat_bit_for_bit(ray_local, models, shards, tmp_path)
     makes the committed demo denoiser reproducible): the batches follow the shards' order, not the
     order in which the decode tasks finish."""
     def run(name: str) -> bytes:
-        overrides = [f"data.uri={os.path.dirname(shards[0])}", f"checkpoint.uri={tmp_path / 'checkpoints'}",
-                     f"checkpoint.name={name}", f"output.uri={tmp_path / name}", "compute.num_workers=1",
-                     "compute.cpus_per_worker=0.5", "compute.cpus_per_task=0.25", "compute.torch_threads=1",
-                     "training.steps=6", "training.batch_size=4", "training.holdout_fraction=0.2", "loss.mu=1.0"]
+        overrides = [*run_overrides(shards, str(tmp_path / "checkpoints"), str(tmp_path / name)),
+                     f"checkpoint.name={name}", "compute.num_workers=1", "compute.cpus_per_task=0.25",
+                     "training.steps=6"]
         run_finetuning(finetune_config_from_dict(raw_config(models), overrides))
         return (tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 

@@ -1,6 +1,7 @@
 """Shared fixtures: a real S3 server (moto's server mode on 127.0.0.1) and a local Ray."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -85,34 +86,6 @@ def ray_local(s3_server):
         ray.shutdown()
 
 
-@pytest.fixture
-def ray_head(tmp_path_factory, s3_server):
-    """``ray start --head --block`` on 127.0.0.1 with its own ports and temp dir; killed by PID.
-
-    Yields (dashboard address for ``ray job submit --address``, environment to submit with).
-    """
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "node-manager-port",
-                                            "object-manager-port", "dashboard-agent-listen-port",
-                                            "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port")}
-    low = free_port_range(40)
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: unix socket paths are limited
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-           f"--temp-dir={temp}", f"--min-worker-port={low}", f"--max-worker-port={low + 39}", "--disable-usage-stats",
-           *(f"--{k}={v}" for k, v in ports.items())]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        yield f"http://127.0.0.1:{ports['dashboard-port']}", env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the session this fixture started: ray start and its children
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 def submit_ray_job(address: str, env: dict, entrypoint: list[str], cwd: str, timeout: float = 420,
                    startup: float = 120) -> subprocess.CompletedProcess:
     """``ray job submit --address ADDRESS --working-dir . -- ENTRYPOINT`` from ``cwd``, waiting for the job.
@@ -146,6 +119,9 @@ def _port_free(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+STOP_GRACE_S = 5  # what a node's processes get to exit on SIGTERM before SIGKILL
 
 
 class RayNode:
@@ -205,14 +181,26 @@ class RayNode:
         raise RuntimeError(f"no raylet in the session of ray start (pid {self.proc.pid})")
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the session this node started: ray start and its children
-            self.proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
+        """SIGTERM to the session this node started (ray start and its children), SIGKILL to what
+        is left after a few seconds: ``ray start --block`` and the GCS outlive a SIGTERM."""
+        with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=STOP_GRACE_S)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head(s3_server):
+    """A one-node cluster (:class:`RayNode`, 2 CPUs, dashboard for ``ray job submit``); yields
+    (dashboard address for ``ray job submit --address``, environment to submit with)."""
+    head = RayNode(num_cpus=2)
+    try:
+        yield head.dashboard, head.env
+    finally:
+        head.stop()
 
 
 @pytest.fixture

@@ -1,11 +1,14 @@
 """Calibration fine-tuning: config errors, the resume policy, one step's effect, and a real
 two-worker Ray Train run (digits shards made by make_shards, tiny diffusers UNet + timm ResNet,
 checkpoints and result on the moto S3 server) that certification's loader reads, resumed to a
-later step."""
+later step; and two one-worker runs of ``python -m jobs.finetune``, each on its own local Ray, that
+export the same bytes."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +27,7 @@ from pipeline.shard_writer import make_shards
 from pipeline.storage import url_to_fs
 
 SIGMAS = [0.25, 0.5]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -167,15 +171,28 @@ def test_two_worker_run_on_s3_is_certifiable_and_resumes(ray_local, s3_bucket, m
         run_finetuning(finetune_config_from_dict(raw_config(models), [*overrides, "training.steps=5", "loss.lam=2.0"]))
 
 
-def test_one_worker_runs_repeat_bit_for_bit(ray_local, models, shards, tmp_path):
-    """Two fresh one-worker runs of the same config export the same weights, byte for byte (what
-    makes the committed demo denoiser reproducible): the batches follow the shards' order, not the
-    order in which the decode tasks finish."""
+def test_command_line_runs_on_their_own_local_ray_repeat_bit_for_bit(models, shards, tmp_path):
+    """Two fresh ``python -m jobs.finetune`` runs of the same one-worker config, each with no cluster
+    to join, export the same weights byte for byte (what makes the committed demo denoiser
+    reproducible): the batches follow the shards' order, not the order in which the decode tasks
+    finish. Each embedded local Ray serves the state API, so Ray Train's placement-group cleaner
+    can watch the controller (without the dashboard it logged "State API may be temporarily
+    unavailable" at every poll)."""
+    config = tmp_path / "finetune.yaml"
+    config.write_text(json.dumps(raw_config(models)))  # JSON is YAML
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
     def run(name: str) -> bytes:
         overrides = [*run_overrides(shards, str(tmp_path / "checkpoints"), str(tmp_path / name)),
                      f"checkpoint.name={name}", "compute.num_workers=1", "compute.cpus_per_task=0.25",
                      "training.steps=6"]
-        run_finetuning(finetune_config_from_dict(raw_config(models), overrides))
+        out = subprocess.run([sys.executable, "-m", "jobs.finetune", "--config", str(config),
+                              *(a for o in overrides for a in ("--set", o))],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        logs = out.stdout + out.stderr
+        assert out.returncode == 0, logs[-3000:]
+        assert "State API may be temporarily unavailable" not in logs
+        assert json.loads(out.stdout.strip().splitlines()[-1])["metrics"]["step"] == 6
         return (tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
     assert run("first") == run("second")

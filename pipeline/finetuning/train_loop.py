@@ -224,7 +224,9 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
     # with one worker the data order, hence the weights, repeat run to run.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    with ray_session():  # the running Ray, the cluster of `ray job submit`, or an embedded local one
+    # the running Ray, the cluster of `ray job submit`, or an embedded local one with the dashboard
+    # (Ray Train's placement-group cleaner reads the state API it serves)
+    with ray_session(dashboard=True):
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=cfg.to_dict(),

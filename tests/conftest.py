@@ -12,8 +12,11 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]  # the repository root: configs, jobs, cwd of job subprocesses
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -18,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import REPO
 from pipeline.certify_run import run_certification
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.models.small import write_small_models
@@ -26,7 +27,6 @@ from pipeline.run_dir import RunDirectory
 from pipeline.shards import ShardError
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import create_bucket, submit_ray_job
+from conftest import REPO, create_bucket, submit_ray_job
 from pipeline.certification import FALL_THROUGH, SparseCounts, cascade_stage_outcome
 from pipeline.certify_run import run_certification
 from pipeline.config import ConfigError, config_from_dict
@@ -38,7 +38,6 @@ from pipeline.sampling import MonteCarloSampler
 from pipeline.shard_writer import make_shards
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PER_CLASS = 5
 
 

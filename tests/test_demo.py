@@ -11,7 +11,6 @@ the original. Then the same demo, smaller, submitted with ``ray job submit`` to 
 """
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -20,14 +19,13 @@ import pytest
 from safetensors.torch import load_file
 from scipy import stats
 
-from conftest import submit_ray_job
+from conftest import REPO, submit_ray_job
 from jobs.demo import main
 from pipeline.certify_run import run_certification
 from pipeline.config import ConfigError, load_config
 from pipeline.demo import DENOISERS, demo_configs
 from pipeline.digits import DEMO_CONFIG, DEMO_MODELS, digits_split
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGMAS = {0.25, 0.5, 1.5}
 N0, N = 8, 32
 ALPHA = 0.001  # configs/demo.yaml's

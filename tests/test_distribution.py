@@ -27,7 +27,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import create_bucket, submit_ray_job
+from conftest import REPO, create_bucket, submit_ray_job
 from pipeline.certify_run import run_certification
 from pipeline.config import config_from_dict
 from pipeline.models.small import write_small_models
@@ -35,7 +35,6 @@ from pipeline.run_dir import RunDirectory
 from pipeline.shard_writer import make_shards
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = 24
 PER_CALL = 2
 # 2 actors and the decode tasks on a 2-CPU Ray: fractions, so that neither starves the other

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import REPO
 from analysis.counts import load_counts
 from pipeline.config import load_config
 from pipeline.digits import DEMO_CONFIG, DEMO_MODELS
@@ -29,7 +30,6 @@ from pipeline.shards import WDS_INDEX, list_shards, scan_image_ids
 from tests.test_make_shards import imagenet_folder  # noqa: F401 (fixture)
 from tests.test_run_dir import rows, store  # noqa: F401 (fixture)
 
-REPO = Path(__file__).resolve().parents[1]
 SIGMAS = (0.25, 0.5)
 
 

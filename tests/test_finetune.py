@@ -17,6 +17,7 @@ import timm
 import torch
 from diffusers import UNet2DModel
 
+from conftest import REPO
 from pipeline.config import ConfigError
 from pipeline.digits import digits_split, write_image_folder
 from pipeline.finetuning import Finetuner, finetune_config_from_dict, is_holdout, run_finetuning, stat_names
@@ -27,7 +28,6 @@ from pipeline.shard_writer import make_shards
 from pipeline.storage import url_to_fs
 
 SIGMAS = [0.25, 0.5]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_command_line_runs_on_their_own_local_ray_repeat_bit_for_bit(models, sha
     unavailable" at every poll)."""
     config = tmp_path / "finetune.yaml"
     config.write_text(json.dumps(raw_config(models)))  # JSON is YAML
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ""}  # no cluster to join
 
     def run(name: str) -> bytes:
         overrides = [*run_overrides(shards, str(tmp_path / "checkpoints"), str(tmp_path / name)),

@@ -10,12 +10,12 @@ import time
 
 import pytest
 from PIL import Image
+from conftest import REPO
 from pipeline.config import ConfigError
 from pipeline.models.small import write_small_models
 from pipeline.resources import ANY_SHAPE, AUTOSCALER_ENV, autoscaler_node_shapes, pool_unmet, run_requests, unmet
 from pipeline.shard_writer import make_shards
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPUTE = {"cpus_per_actor": 4.0, "gpus_per_actor": 0.0, "cpus_per_task": 1.0}
 TWO_CPUS = [{"CPU": 2.0, "memory": 1e9}]
 

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pytest
 import ray
 
+from conftest import REPO
 from analysis.counts import load_counts
 from analysis.results import certify_table
 from pipeline.certify_run import run_certification
@@ -39,7 +40,6 @@ from tests.test_distribution import POOL
 from tests.test_sequential_job import SEQUENTIAL
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNTIMED = ("run_id", "worker", "seconds")  # the only columns allowed to differ between runs of the same work
 IMAGES = 6  # SEQUENTIAL's data.selection.limit
 # the run's settings by mode; cascade: a p0 at which the random models' images both stop at the top

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
+from conftest import REPO
 from jobs.smoke_protocols import main
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_cohen_imagenet_certifies_end_to_end_with_random_weights(ray_local, capsys):

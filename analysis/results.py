@@ -17,7 +17,8 @@ naming the setting.
 Predict-mode runs (Cohen's PREDICT) have no radius: :func:`predict_table` gives one row per
 (image, method) with ``PREDICT_COLUMNS``.
 
-Cascade-mode runs hold a lower-sigma row only for images whose higher levels fell through.
+Cascade-mode runs hold a lower-sigma row only for images whose higher levels did not stop the
+walk (fell through; or were undecided, under ``bonferroni-fallthrough``).
 A single sigma then covers only the images that have its row, and a cascade needs a level's
 row only where the cascade reaches that level; a reached level without its row is an error
 naming the image (typically the cascade was asked with other p0 / alpha / schedule / sigmas
@@ -160,7 +161,7 @@ def cascade_results(counts: CountsTable, sigmas: Sequence[float], alpha: float, 
     ]
     if plan is None:
         if (row < 0).any():
-            _check_reached_levels(counts, levels, row, method, lambda stage, rows: cascade_stage_outcome(
+            _check_reached_levels(counts, levels, row, method, schedule, lambda stage, rows: cascade_stage_outcome(
                 stage, len(levels), counts.counts0.take(rows), counts.counts.take(rows), alpha, p0, schedule))
         pred, radius, fired = certify_cascade_sparse(stacked, alpha, p0=p0, schedule=schedule)
     else:
@@ -168,7 +169,7 @@ def cascade_results(counts: CountsTable, sigmas: Sequence[float], alpha: float, 
         looks = [np.where(r >= 0, plan.look_of(np.where(r >= 0, c.totals(), plan.looks[0])), 0)
                  for r, (_, _, c) in zip(row, stacked)]
         if (row < 0).any():
-            _check_reached_levels(counts, levels, row, method, lambda stage, rows: sequential_stage_outcome(
+            _check_reached_levels(counts, levels, row, method, plan.schedule, lambda stage, rows: sequential_stage_outcome(
                 plan, stage, counts.counts0.take(rows), counts.counts.take(rows)))
         pred, radius, fired = certify_cascade_sequential_sparse(
             plan, [(sigma, c0, c, look) for (sigma, c0, c), look in zip(stacked, looks)])
@@ -178,14 +179,15 @@ def cascade_results(counts: CountsTable, sigmas: Sequence[float], alpha: float, 
     )
 
 
-def _check_reached_levels(counts: CountsTable, levels: list[float], row: np.ndarray, method: str, stage_outcome) -> None:
-    """CountsError naming an image if the cascade reaches a level for which it has no row;
-    ``stage_outcome(stage, rows)`` is the stage's outcome on those table rows."""
+def _check_reached_levels(counts: CountsTable, levels: list[float], row: np.ndarray, method: str, schedule: str,
+                          stage_outcome) -> None:
+    """CountsError naming an image if the cascade (its walk under ``schedule``) reaches a level for
+    which it has no row; ``stage_outcome(stage, rows)`` is the stage's outcome on those table rows."""
 
     def outcome(stage: int, reached: np.ndarray) -> np.ndarray:
         lacking = reached[row[stage, reached] < 0]
         if lacking.size:
-            why = "it is the top level" if stage == 0 else "every higher level fell through"
+            why = "it is the top level" if stage == 0 else "no higher level stopped it"
             raise CountsError(
                 f"{method}: image_id={counts.image_ids[lacking[0]]!r} has no row at sigma={levels[stage]!r}, which "
                 f"the cascade needs ({why}; {lacking.size} image(s) affected). Cascade-mode runs only hold the "
@@ -193,7 +195,7 @@ def _check_reached_levels(counts: CountsTable, levels: list[float], row: np.ndar
             )
         return stage_outcome(stage, row[stage, reached])
 
-    walk_cascade(row.shape[1], len(levels), outcome)
+    walk_cascade(row.shape[1], len(levels), outcome, schedule)
 
 
 def certify_table(
@@ -202,7 +204,7 @@ def certify_table(
     cascades: Sequence[Sequence[float]] | None = None,
     p0: float | None = None,
     alpha: float | None = None,
-    schedule: str = "bonferroni",
+    schedule: str | None = None,
     plan: SequentialPlan | None = None,
     radii: Sequence[float] | None = None,
 ) -> pd.DataFrame:
@@ -218,10 +220,12 @@ def certify_table(
     the plan's sigmas), and ``alpha``, ``p0``, ``schedule``, the sigmas asked and ``radii`` (the
     radii the results will be read at) must be covered by the plan: :class:`SequentialError`
     naming the setting otherwise. Certificates stay at the plan's alpha (they hold at any
-    larger one). ``p0`` / ``alpha`` None: the plan's, else 0.5 / 0.001.
+    larger one). ``p0`` / ``alpha`` / ``schedule`` None: the plan's, else 0.5 / 0.001 /
+    ``bonferroni``.
     """
     p0 = p0 if p0 is not None else plan.p0 if plan is not None else 0.5
     alpha = alpha if alpha is not None else plan.alpha if plan is not None else 0.001
+    schedule = schedule if schedule is not None else plan.schedule if plan is not None else "bonferroni"
     if plan is not None and plan.mode == "predict":
         raise SequentialError("the run predicted (smoothing.mode: predict): it has no certificates; use predict_table")
     if plan is not None and isinstance(table, pa.Table):
@@ -254,10 +258,8 @@ def _refuse_uncovered(plan: SequentialPlan, singles: Sequence[float], cascades: 
     if singles:
         problems += [f"sigmas={list(singles)}: {why}" for why in plan.uncovered(mode="full", sigmas=singles)]
     for subset in cascades:
-        problems += [f"{cascade_method(subset)} at p0={p0}: {why}"
-                     for why in plan.uncovered(mode="cascade", p0=p0, sigmas=subset)]
-        if schedule != "bonferroni" and plan.mode == "cascade":
-            problems.append(f"schedule={schedule!r}: the sequential cascade is decided with the bonferroni schedule")
+        problems += [f"{cascade_method(subset)} at p0={p0}, schedule={schedule!r}: {why}"
+                     for why in plan.uncovered(mode="cascade", p0=p0, sigmas=subset, schedule=schedule)]
     if problems:
         raise SequentialError("not covered by the run's sequential plan: " + "; ".join(problems))
 

@@ -123,7 +123,7 @@ def _notes(summary: pd.DataFrame, skipped: int | None) -> list[str]:
                      "grid-resolved ACR (below the ACR the same bounds give with exact radii).")
     if summary["n_images"].nunique() > 1:
         notes.append("n = images the method has a result for; it differs between methods (e.g. a cascade-mode run "
-                     "holds a lower sigma only for images whose higher sigmas fell through).")
+                     "holds a lower sigma only for images whose higher sigmas passed the walk on).")
     if skipped is not None:
         notes.append(f"Skipped images (error records, no counts): {skipped}.")
     return notes

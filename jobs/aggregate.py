@@ -1,7 +1,7 @@
 """Aggregate a run's counts and/or legacy logs into certified-accuracy results, tables and a plot.
 
     python -m jobs.aggregate [RESULTS_URI] --out DIR [--sigmas S ...] [--cascade S,S,... ...]
-        [--no-cascade] [--p0 P] [--alpha A] [--schedule bonferroni|paper] [--radii R ...]
+        [--no-cascade] [--p0 P] [--alpha A] [--schedule bonferroni|bonferroni-fallthrough|paper] [--radii R ...]
         [--legacy NAME=PATH ...]
 
 RESULTS_URI is a run directory ``{output}/{run_id}`` (counts/, errors/, manifest.json), a
@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from analysis.report import render_report, write_report
 from analysis.summary import DEFAULT_RADII
+from pipeline.certification import SCHEDULES
 from pipeline.errors import MsdsmoothError
 
 
@@ -39,7 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-cascade", action="store_true", help="single sigmas only")
     parser.add_argument("--p0", type=float, help="cascade threshold (default: manifest, else 0.5)")
     parser.add_argument("--alpha", type=float, help="failure probability (default: manifest, else 0.001)")
-    parser.add_argument("--schedule", choices=("bonferroni", "paper"), help="cascade alpha schedule")
+    parser.add_argument("--schedule", choices=SCHEDULES, help="cascade schedule (default: manifest, else bonferroni)")
     parser.add_argument("--radii", type=float, nargs="+",
                         help=f"radii of the table (default: a sequential run's grid, else {' '.join(map(str, DEFAULT_RADII))})")
     parser.add_argument("--legacy", action="append", default=[], metavar="NAME=PATH",

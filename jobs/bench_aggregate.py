@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from analysis import certify_table, read_counts, resolve_run, summarize, validate_counts
 from analysis.synthetic import synthetic_counts
+from pipeline.certification import SCHEDULES
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -26,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--schedule", choices=("bonferroni", "paper"), default="bonferroni")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="bonferroni")
     parser.add_argument("--dir", help="where to write the Parquet table (default: a temporary directory)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:

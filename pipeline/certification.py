@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 ABSTAIN = -1
 FIRE, UNDECIDED, FALL_THROUGH = 1, 0, -1
-SCHEDULES = ("bonferroni", "paper")
+FALLTHROUGH = "bonferroni-fallthrough"  # bonferroni's bounds; an UNDECIDED level falls through
+SCHEDULES = ("bonferroni", FALLTHROUGH, "paper")
 _POOL_SIZE = 5  # the paper's Goodman merging: cells with fewer counts are pooled up to this size
 
 
@@ -285,7 +286,7 @@ def stage_tails(stage: int, num_stages: int, alpha: float, schedule: str) -> tup
         return alpha / (stage + 1), alpha / (stage + 1)
     if stage == num_stages - 1:
         # The lowest sigma never falls through into anything: its upper bound only labels a row that
-        # does not fire UNDECIDED or FALL_THROUGH (both abstain), so it costs no alpha.
+        # does not fire UNDECIDED or FALL_THROUGH (both abstain: nothing lies below), so it costs no alpha.
         return alpha / num_stages, alpha / (4 * num_stages)
     return alpha / (2 * num_stages), alpha / (4 * num_stages)
 
@@ -294,6 +295,10 @@ def _check_cascade_args(alpha: float, p0: float, schedule: str) -> None:
     _check_level_alpha(alpha)
     if not 0.5 <= p0 < 1:
         raise ValueError(f"p0 must lie in [0.5, 1), got {p0}")
+    _check_schedule(schedule)
+
+
+def _check_schedule(schedule: str) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
@@ -301,21 +306,25 @@ def _check_cascade_args(alpha: float, p0: float, schedule: str) -> None:
 class CascadeWalk(NamedTuple):
     """Where each row's cascade stopped (see :func:`walk_cascade`)."""
 
-    stage: np.ndarray  # int64 [N]: stage where the row stopped; num_stages if it fell through every stage
+    stage: np.ndarray  # int64 [N]: stage where the row stopped; num_stages if it passed every stage
     outcome: np.ndarray  # int8 [N]: FIRE or UNDECIDED at that stage; FALL_THROUGH if it never stopped
 
 
 def walk_cascade(
-    num_rows: int, num_stages: int, outcome_of: Callable[[int, np.ndarray], np.ndarray]
+    num_rows: int, num_stages: int, outcome_of: Callable[[int, np.ndarray], np.ndarray], schedule: str
 ) -> CascadeWalk:
-    """The cascade's walk down the stages, from stage 0 (the highest sigma).
+    """The cascade's walk down the stages, from stage 0 (the highest sigma), under ``schedule``.
 
     ``outcome_of(stage, rows)`` returns FIRE / UNDECIDED / FALL_THROUGH for ``rows`` (ascending
-    indices): exactly the rows that fell through at every earlier stage, never an empty set. A row
-    stops at its first FIRE or UNDECIDED; a row reaches stage s iff ``walk.stage >= s``. The one
-    walk shared by the certificate, the pipeline's cascade sampling and the analysis's check of
-    which levels a cascade-mode run must hold.
+    indices): exactly the rows that passed every earlier stage, never an empty set. A row stops at
+    its first FIRE, and under ``bonferroni`` and ``paper`` at its first UNDECIDED too; under
+    ``bonferroni-fallthrough`` an UNDECIDED row goes on to the next stage as a FALL_THROUGH one
+    does. A row reaches stage s iff ``walk.stage >= s``. The one walk shared by the certificate,
+    the pipeline's cascade sampling and the analysis's check of which levels a cascade-mode run
+    must hold.
     """
+    _check_schedule(schedule)
+    passes = [FALL_THROUGH, UNDECIDED] if schedule == FALLTHROUGH else [FALL_THROUGH]
     stopped = np.full(num_rows, num_stages, dtype=np.int64)
     outcome = np.full(num_rows, FALL_THROUGH, dtype=np.int8)
     active = np.arange(num_rows)
@@ -323,7 +332,7 @@ def walk_cascade(
         if active.size == 0:
             break
         result = np.asarray(outcome_of(stage, active))
-        stop = result != FALL_THROUGH
+        stop = ~np.isin(result, passes)
         stopped[active[stop]] = stage
         outcome[active[stop]] = result[stop]
         active = active[~stop]
@@ -358,8 +367,8 @@ def cascade_stage_outcome(
     """FIRE / UNDECIDED / FALL_THROUGH (int8 [N]) of cascade stage ``stage`` (0 = highest sigma).
 
     Exactly the decision :func:`certify_cascade_sparse` makes at that stage, so a pipeline can sample
-    one sigma at a time (see :func:`walk_cascade`) and stop a row at FIRE or UNDECIDED. The bounds are those of ``schedule``
-    (see :func:`certify_cascade_sparse`).
+    one sigma at a time and stop a row where :func:`walk_cascade` does. The bounds are those of
+    ``schedule`` (see :func:`certify_cascade_sparse`).
     """
     _check_cascade_args(alpha, p0, schedule)
     if not 0 <= stage < num_stages:
@@ -409,12 +418,13 @@ def _paper_groups(counts: SparseCounts, cls: np.ndarray) -> tuple[np.ndarray, np
 def _off_class_upper(
     stages: Sequence[_Stage], higher: int, fired: int, rows: np.ndarray, cls: np.ndarray, alpha: float, schedule: str
 ) -> np.ndarray:
-    """Upper bound of max_{c != cls} p(c) at stage ``higher``, which fell through, for the ``rows``
-    that fired at stage ``fired`` with classes ``cls``."""
+    """Upper bound of max_{c != cls} p(c) at stage ``higher``, which the ``rows`` passed (fell
+    through, or undecided under ``bonferroni-fallthrough``), for the ``rows`` that fired at stage
+    ``fired`` with classes ``cls``."""
     level = stages[higher]
     counts = level.counts.take(rows)
     n = counts.totals()
-    if schedule == "bonferroni":
+    if schedule != "paper":
         return cp_upper(counts.max_count_excluding(cls), n, stage_tails(higher, len(stages), alpha, schedule)[1])
     tail = alpha / (fired + 1)
     num_groups, largest_other = _paper_groups(counts, cls)
@@ -434,9 +444,9 @@ def certify_cascade_sparse(
     ``levels`` are ``(sigma, counts0, counts)`` in any order (all with the same rows); stage 0 is
     the highest sigma. At stage s, c_s = argmax counts0 (ties to the smallest class) and
     p_lower_s is the lower bound of counts[c_s] / n. The stage FIRES when p_lower_s >= p0; else it
-    is UNDECIDED (abstain, stop) when its upper bound >= p0; else it FALLS THROUGH to the next
-    lower sigma. If stage s fires, with U_j an upper bound on max_{c != c_s} p_j(c) at every higher
-    stage j < s::
+    is UNDECIDED when its upper bound >= p0 (abstain, stop; under ``bonferroni-fallthrough`` it
+    passes on to the next lower sigma); else it FALLS THROUGH to the next lower sigma. If stage s
+    fires, with U_j an upper bound on max_{c != c_s} p_j(c) at every higher stage j < s::
 
         radius = min(sigma_s (Phi^-1(p_lower_s) - Phi^-1(p0)),  min_j sigma_j (Phi^-1(p0) - Phi^-1(U_j)))
 
@@ -444,7 +454,7 @@ def certify_cascade_sparse(
     stage that fired (also when its radius then was non-positive), nan when none did. A stage
     reached with no estimation counts is undecided. A row's counts at levels below the one where
     it stopped are never read, so they may be empty (the pipeline's cascade mode samples them
-    only for rows that fell through).
+    only for rows the walk passes on).
 
     ``schedule="bonferroni"`` (default, rigorous). K stages each get alpha/K. Stages 0..K-2 spend
     alpha/(2K) on the one-sided Clopper-Pearson lower bound of c_s and alpha/(4K) on each of two
@@ -460,6 +470,20 @@ def certify_cascade_sparse(
     attain max_{c != c_s} p_j(c) or exceed p0, so the per-class upper bounds need to hold for those
     two only (2 x alpha/(4K) per level, not a union over C classes); plus the K lower bounds of the
     selected classes, each chosen independently of the estimation counts.
+
+    ``schedule="bonferroni-fallthrough"``: the same bounds and radius rule, and the same alpha;
+    only the walk differs: an UNDECIDED stage (not the lowest) passes on like a FALL_THROUGH one,
+    so a lower stage may still fire, with its radius capped by the undecided stage's U_j as by any
+    stage above it. Guarantee: with probability >= 1 - alpha, jointly over all levels, every
+    non-abstaining row's class c_s is the population cascade's output at every point within its
+    radius. Proof sketch: on the event E of the bonferroni schedule (every lower bound of a
+    selected class and the upper bounds of each level's population top two classes hold), for x'
+    within r of x: at each stage j above s, every class c != c_s has p_j(c, x') <= p0, since
+    Phi^-1(p_j(c, .)) is sigma_j^-1-Lipschitz (as in CERTIFY) and p_j(c, x) <= U_j; so stage j
+    fires c_s or nothing. At stage s, p_s(c_s, x') >= p0 by the same argument. So the population
+    cascade outputs c_s at x', whether an undecided stage above truly fires (with c_s) or not. The
+    population's own formula radius may be smaller (it fires higher up, with c_s): the claim is
+    the certified one, robustness on the ball, not that radius. Not the paper's walk.
 
     ``schedule="paper"`` reproduces Jeong & Shin's official code: stage s uses alpha_s =
     alpha/(s+1) and the chosen class's two-sided Clopper-Pearson interval at level 1 - 2 alpha_s
@@ -491,7 +515,7 @@ def certify_cascade_sparse(
     pred = np.full(num_rows, ABSTAIN, dtype=np.int64)
     radius = np.zeros(num_rows)
     fired_sigma = np.full(num_rows, np.nan)
-    walk = walk_cascade(num_rows, num_stages, lambda s, rows: stages[s].outcome[rows])
+    walk = walk_cascade(num_rows, num_stages, lambda s, rows: stages[s].outcome[rows], schedule)
     threshold = special.ndtri(p0)
     for s, stage in enumerate(stages):
         rows = np.flatnonzero((walk.stage == s) & (walk.outcome == FIRE))

@@ -4,7 +4,8 @@ One replica of denoiser + classifier per actor. Per batch of images it draws the
 samples, writes the counts rows itself (one content-named file per batch, see
 :mod:`pipeline.run_dir`) and returns a small summary (rows per image, weight checksums). In
 ``cascade`` mode it walks the cascade (:func:`pipeline.certification.walk_cascade`): the highest
-sigma first, the next lower sigma only for the images that fell through. With sequential
+sigma first, the next lower sigma only for the images the walk passes on (fell through, or under
+``bonferroni-fallthrough`` undecided). With sequential
 sampling (``smoothing.sampling: sequential``) each (image, sigma) pair, or cascade stage, draws
 estimation samples up to the plan's looks until the plan's rule stops it
 (:class:`pipeline.sequential.PairStopRule`); its row records the samples drawn (``n``) and the
@@ -114,7 +115,7 @@ class CertifyActor:
                 for g, p in enumerate(patterns) if p.any()]
 
     def _cascade(self, images: torch.Tensor, ids: np.ndarray, todo: np.ndarray) -> list[Part]:
-        """Highest sigma first; a lower sigma only for the images that fell through."""
+        """Highest sigma first; a lower sigma only for the images the walk passes on."""
         s = self.smoothing
         levels = sorted(s["sigmas"], reverse=True)
         parts: list[Part] = []
@@ -130,7 +131,7 @@ class CertifyActor:
                 return sequential_stage_outcome(self.plan, stage, counts0, counts)
             return cascade_stage_outcome(stage, len(levels), counts0, counts, s["alpha"], s["p0"], s["schedule"])
 
-        walk_cascade(len(ids), len(levels), sample_stage)
+        walk_cascade(len(ids), len(levels), sample_stage, s["schedule"])
         return parts
 
     def _rows(self, ids: np.ndarray, labels: np.ndarray, part: Part) -> pa.Table:

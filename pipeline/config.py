@@ -15,6 +15,7 @@ import re
 
 import yaml
 
+from pipeline.certification import SCHEDULES
 from pipeline.errors import MsdsmoothError
 
 
@@ -166,7 +167,7 @@ unit_share = number_in(0, 1, "(]")
 
 def sampling_rules(check: Check) -> Check:
     """``check`` (the smoothing section), then the rules between its keys that sequential
-    sampling adds: its plan bounds at alpha < 0.5, and its cascade is the bonferroni schedule."""
+    sampling adds: its plan bounds at alpha < 0.5, and its cascade has the bonferroni budgets."""
     def checked(key: str, v: Any) -> dict:
         out = check(key, v)
         if out["sampling"] == "sequential":
@@ -176,8 +177,9 @@ def sampling_rules(check: Check) -> Check:
             if looks["final_share"] + looks["top_share"] > 1:
                 _fail(f"{key}.sequential.top_share", "must be <= 1 - final_share (shares of one alpha)",
                       looks["top_share"])
-            if out["mode"] == "cascade" and out["schedule"] != "bonferroni":
-                _fail(f"{key}.schedule", "must be bonferroni with sequential sampling in cascade mode", out["schedule"])
+            if out["mode"] == "cascade" and out["schedule"] == "paper":
+                _fail(f"{key}.schedule", "must be bonferroni or bonferroni-fallthrough with sequential sampling in "
+                      "cascade mode", out["schedule"])
         return out
     return checked
 
@@ -352,7 +354,7 @@ SCHEMA: dict[str, Check] = {
         "mode": ("full", choice("full", "cascade", "predict")),
         "p0": (0.5, half_to_one),
         "alpha": (0.001, open_unit),
-        "schedule": ("bonferroni", choice("bonferroni", "paper")),
+        "schedule": ("bonferroni", choice(*SCHEDULES)),
         # fixed: n samples per pair; sequential: up to n, stopping per pipeline.sequential's plan
         "sampling": ("fixed", choice("fixed", "sequential")),
         # the grid a sequential plan decides; null: 0, 0.25, ... up to the largest reachable radius

@@ -5,7 +5,7 @@ Guarantees:
   the same noise for every (image, sigma, sample)) twice, in one Ray session: with the
   original denoiser in ``full`` mode (every sigma for every image: each single sigma and the
   cascade from one set of counts) and with the fine-tuned denoiser in ``cascade`` mode (a
-  lower sigma only where the higher ones fell through).
+  lower sigma only where the walk passes the higher ones).
 * :func:`demo_results` certifies both runs with the run's own p0 / alpha / schedule: the
   single sigmas and the cascade of the original run, and the cascade of the fine-tuned run
   (method name suffixed ``FINETUNED``); :func:`samples_spent` gives the Monte Carlo samples
@@ -103,7 +103,7 @@ def cascade_rows(counts: CountsTable, sigmas: Sequence[float], alpha: float, p0:
         row[stage, counts.image[rows]] = rows
     walk = walk_cascade(len(counts.image_ids), len(levels), lambda stage, images: cascade_stage_outcome(
         stage, len(levels), counts.counts0.take(row[stage, images]), counts.counts.take(row[stage, images]),
-        alpha, p0, schedule))
+        alpha, p0, schedule), schedule)
     reached = row[np.arange(len(levels))[:, None] <= walk.stage[None, :]]
     if (reached < 0).any():
         raise ValueError("the counts lack a row the cascade reaches (another p0 / alpha / schedule than sampled?)")

@@ -73,7 +73,7 @@ samples drawn and are refused.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from functools import cached_property
 from typing import Any, Mapping, Sequence
 
@@ -84,6 +84,7 @@ from scipy import special, stats
 from pipeline.certification import (
     ABSTAIN,
     FALL_THROUGH,
+    FALLTHROUGH,
     FIRE,
     UNDECIDED,
     SparseCounts,
@@ -95,6 +96,7 @@ from pipeline.certification import (
 from pipeline.errors import MsdsmoothError
 
 MODES = ("full", "cascade", "predict")
+CASCADE_SCHEDULES = ("bonferroni", FALLTHROUGH)  # the sequential cascade's walks, both with bonferroni's budgets
 RADIUS_STEP = 0.25  # spacing of the default radius grid (:func:`default_radii`)
 # The counts-table column recording the look index at which a sequential row stopped (its n is
 # that look's sample count); null for rows of fixed sampling.
@@ -238,8 +240,9 @@ class SequentialPlan:
     (>= 0) of radii that can be reported. ``futility``: level of the futility upper bound (it only
     decides when to stop, never what is certified; 0 disables it). ``mode``: ``full`` (each
     sigma certified alone, CERTIFY) or ``cascade`` (stages by ``sigmas`` descending, threshold
-    ``p0``, the ``bonferroni`` schedule's budgets) or ``predict`` (each sigma's PREDICT; the
-    radius grid is not used).
+    ``p0``, the ``bonferroni`` schedule's budgets, and the walk of ``schedule``: ``bonferroni``
+    stops at an UNDECIDED stage, ``bonferroni-fallthrough`` passes it on) or ``predict`` (each
+    sigma's PREDICT; the radius grid is not used).
     """
 
     n_max: int
@@ -251,6 +254,7 @@ class SequentialPlan:
     futility: float = 0.1
     mode: str = "full"
     p0: float = 0.5
+    schedule: str = "bonferroni"
     _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -276,6 +280,8 @@ class SequentialPlan:
             problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0.5 <= self.p0 < 1:
             problems.append(f"p0 must lie in [0.5, 1), got {self.p0}")
+        if self.schedule not in CASCADE_SCHEDULES:
+            problems.append(f"schedule must be one of {CASCADE_SCHEDULES}, got {self.schedule!r}")
         if problems:
             raise SequentialError("sequential plan: " + "; ".join(problems))
 
@@ -313,12 +319,15 @@ class SequentialPlan:
         """JSON-ready form for the run manifest."""
         return {"n_max": self.n_max, "alpha": self.alpha, "radii": list(self.radii), "sigmas": list(self.sigmas),
                 "looks": list(self.looks), "spend": list(self.spend), "futility": self.futility,
-                "mode": self.mode, "p0": self.p0}
+                "mode": self.mode, "p0": self.p0, "schedule": self.schedule}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SequentialPlan":
+        """The plan of :meth:`to_dict`; a key with a default may be absent (a plan written before
+        that key existed means the default)."""
         expected = {f.name for f in fields(cls) if f.init}
-        if set(data) != expected:
+        required = {f.name for f in fields(cls) if f.init and f.default is MISSING and f.default_factory is MISSING}
+        if not required <= set(data) <= expected:
             raise SequentialError(f"sequential plan: keys {sorted(data)} differ from {sorted(expected)}")
         return cls(**data)
 
@@ -326,7 +335,7 @@ class SequentialPlan:
 
     def uncovered(self, *, alpha: float | None = None, radii: Sequence[float] | None = None,
                   p0: float | None = None, sigmas: Sequence[float] | None = None,
-                  mode: str | None = None) -> list[str]:
+                  mode: str | None = None, schedule: str | None = None) -> list[str]:
         """Why a re-analysis at these settings (None: the plan's) is not covered by a run made
         under this plan; empty when it is.
 
@@ -334,8 +343,8 @@ class SequentialPlan:
         the stronger probability); radii a subset of the grid (decided, see the module doc); in
         ``full`` and ``predict`` mode any subset of the sigmas (each sigma stands alone). Not covered: a smaller
         alpha or a radius off the grid (sampling stopped before those were decided), another
-        mode, and in ``cascade`` mode another p0 or sigma set (the walk through the stages, and
-        so which stages were sampled, depends on both).
+        mode, and in ``cascade`` mode another p0, sigma set or schedule (the walk through the
+        stages, and so which stages were sampled, depends on all three).
         """
         reasons = []
         if alpha is not None and alpha < self.alpha:
@@ -354,6 +363,9 @@ class SequentialPlan:
             if sigmas is not None and sorted(sigmas) != sorted(self.sigmas):
                 reasons.append(f"sigmas {sorted(sigmas)} differ from the cascade plan's {sorted(self.sigmas)}; "
                                "the stages sampled depend on them")
+            if schedule is not None and schedule != self.schedule:
+                reasons.append(f"schedule {schedule!r} differs from the cascade plan's {self.schedule!r}; the stages "
+                               "sampled depend on it")
         if self.mode != "cascade" and sigmas is not None:
             extra = sorted(set(sigmas) - set(self.sigmas))
             if extra:
@@ -594,11 +606,13 @@ def certify_cascade_sequential_sparse(
     stage) and two per-class upper bounds (alpha/(4K) each), and each of those budgets is split
     over the looks by ``plan.spend``. At the stopping look j with n_j samples: FIRE iff
     p_lower >= p0; else FALL_THROUGH iff the upper bound of the largest count < p0; else
-    UNDECIDED. A FIRE's radius min(sigma_s (Phi^-1(p_lower) - Phi^-1(p0)), min over higher stages
-    i of sigma_i (Phi^-1(p0) - Phi^-1(U_i))), U_i the upper bound of the largest other count at
-    stage i's stopping look, is resolved down to the grid; a non-positive radius abstains.
+    UNDECIDED. The walk is ``plan.schedule``'s (an UNDECIDED stage stops it under ``bonferroni``
+    and passes it on under ``bonferroni-fallthrough``). A FIRE's radius min(sigma_s (Phi^-1(p_lower)
+    - Phi^-1(p0)), min over higher stages i of sigma_i (Phi^-1(p0) - Phi^-1(U_i))), U_i the upper
+    bound of the largest other count at stage i's stopping look, is resolved down to the grid; a
+    non-positive radius abstains.
 
-    Guarantee (at least the bonferroni schedule's): with probability >= 1 - alpha, jointly over
+    Guarantee (at least the fixed schedule's of the same name): with probability >= 1 - alpha, jointly over
     stages, looks and whatever the data-dependent stopping, a non-abstaining row names the class
     of the population cascade with a grid radius no larger than the population radius. Proof
     sketch: let E be the event that at every stage and *every* look, the selected class's lower
@@ -608,7 +622,9 @@ def certify_cascade_sequential_sparse(
     (the last stage: alpha/K w_j). On E, the bounds at the looks where stages stopped hold, and
     the fixed schedule's argument applies unchanged: a FALL_THROUGH means the population falls
     through, a FIRE that the population fires with that class, and each radius term is no
-    larger than the population's. Stopping rules only choose the looks.
+    larger than the population's; under ``bonferroni-fallthrough``, the ball argument of
+    :func:`pipeline.certification.certify_cascade_sparse` applies unchanged (the population cascade
+    outputs the certified class within the radius). Stopping rules only choose the looks.
     """
     if plan.mode != "cascade":
         raise SequentialError("the sequential cascade needs a plan with mode 'cascade'")
@@ -638,7 +654,7 @@ def certify_cascade_sequential_sparse(
         results[s] = (chosen, np.where(chosen >= 0, bins, ABSTAIN))
         return outcome
 
-    walk = walk_cascade(num_rows, len(stages), outcome_of)
+    walk = walk_cascade(num_rows, len(stages), outcome_of, plan.schedule)
     pred = np.full(num_rows, ABSTAIN, dtype=np.int64)
     bins = np.full(num_rows, ABSTAIN, dtype=np.int64)
     fired_sigma = np.full(num_rows, np.nan)
@@ -783,4 +799,5 @@ def sequential_plan(smoothing: Mapping[str, Any]) -> SequentialPlan | None:
     return SequentialPlan.geometric(n_max, alpha, radii, sigmas, first=looks["first_look"], ratio=looks["look_ratio"],
                                     final_share=looks["final_share"], top_share=looks["top_share"],
                                     futility=looks["futility"],
-                                    mode=smoothing["mode"], p0=smoothing["p0"])
+                                    mode=smoothing["mode"], p0=smoothing["p0"],
+                                    schedule=smoothing["schedule"] if smoothing["mode"] == "cascade" else "bonferroni")

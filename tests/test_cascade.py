@@ -12,7 +12,9 @@ from statsmodels.stats.proportion import multinomial_proportions_confint, propor
 
 from pipeline.certification import (
     FALL_THROUGH,
+    FALLTHROUGH,
     FIRE,
+    SCHEDULES,
     UNDECIDED,
     SparseCounts,
     cascade_stage_outcome,
@@ -88,8 +90,11 @@ def reference_cascade(levels, alpha, p0, schedule, stats=None):
             return chosen, radius, sigma
         if upper >= p0:
             stats["undecided"] += 1
-            return -1, 0.0, math.nan
-        stats["fall through"] += 1
+            if schedule != FALLTHROUGH or s == K - 1:
+                return -1, 0.0, math.nan
+            stats["undecided, passed on"] += 1
+        else:
+            stats["fall through"] += 1
         seen.append((sigma, counts, chosen))
     stats["all fell through"] += 1
     return -1, 0.0, math.nan
@@ -134,7 +139,7 @@ def stack_levels(cases):
     return out
 
 
-@pytest.mark.parametrize("schedule", ["bonferroni", "paper"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("num_levels, p0", [(1, 0.5), (2, 0.5), (3, 0.5), (3, 0.6), (4, 0.75)])
 def test_cascade_matches_reference(schedule, num_levels, p0):
     rng = np.random.default_rng(num_levels * 10 + int(100 * p0))
@@ -153,6 +158,8 @@ def test_cascade_matches_reference(schedule, num_levels, p0):
     assert branches["fire"] > 20 and branches["undecided"] > 10
     if num_levels > 1:
         assert branches["fall through"] > 20
+        if schedule == FALLTHROUGH:
+            assert branches["undecided, passed on"] > 10, branches
         if schedule == "paper":
             assert branches["paper goodman"] >= 8, branches
 
@@ -193,7 +200,8 @@ def test_paper_merging_matches_transcription():
 def test_stage_outcome_is_the_cascade_decision():
     rng = np.random.default_rng(7)
     cases = random_cases(rng, 300, 3, 9)
-    for schedule in ("bonferroni", "paper"):
+    for schedule in SCHEDULES:
+        passes = [FALL_THROUGH, UNDECIDED] if schedule == FALLTHROUGH else [FALL_THROUGH]
         levels = stack_levels(cases)[::-1]
         _, _, fired = certify_cascade_sparse(levels, 0.01, 0.5, schedule)
         active = np.ones(len(cases), bool)
@@ -202,7 +210,7 @@ def test_stage_outcome_is_the_cascade_decision():
             outcome = cascade_stage_outcome(s, 3, counts0, counts, 0.01, 0.5, schedule)
             assert set(np.unique(outcome)) <= {FIRE, UNDECIDED, FALL_THROUGH}
             expected_fired[active & (outcome == FIRE)] = sigma
-            active &= outcome == FALL_THROUGH
+            active &= np.isin(outcome, passes)
         np.testing.assert_array_equal(fired, expected_fired)
 
 
@@ -279,6 +287,25 @@ def test_fall_through_needs_every_class_below_p0_under_bonferroni():
     assert certify_cascade([(1.0, *top), (0.5, *low)], 0.01, 0.6, "paper")[2] == 0.5
     pred, _, fired = certify_cascade([(1.0, *top), (0.5, *low)], 0.01, 0.6, "bonferroni")
     assert pred == -1 and math.isnan(fired)
+    # bonferroni-fallthrough passes the undecided level on; sigma = 0.5 fires class 1, but class 0's
+    # upper bound at sigma = 1 (above p0) caps the radius below zero: abstain
+    pred, radius, fired = certify_cascade([(1.0, *top), (0.5, *low)], 0.01, 0.6, FALLTHROUGH)
+    assert (pred, radius, fired) == (-1, 0.0, 0.5)
+
+
+def test_undecided_level_passes_on_and_caps_the_radius():
+    """The undecided top level's top class is the one that fires below:
+    bonferroni abstains; bonferroni-fallthrough certifies it, its radius capped by the other class's
+    upper bound at the top level (and no more than the lower level's own)."""
+    alpha, p0 = 0.001, 0.5
+    top = (1.5, np.array([0, 17, 10, 5]), np.array([0, 141, 90, 25]))  # class 1: 0.55, between its bounds
+    low = (0.5, np.array([0, 32, 0, 0]), np.array([0, 256, 0, 0]))
+    assert certify_cascade([top, low], alpha, p0, "bonferroni")[0] == -1
+    pred, radius, fired = certify_cascade([top, low], alpha, p0, FALLTHROUGH)
+    k = cp(90, 256, 2 * alpha / 8)[1]  # class 2's upper bound at the top level (alpha/(4K), K = 2)
+    own = 0.5 * norm.ppf(cp(256, 256, 2 * alpha / 2)[0])
+    assert (pred, fired) == (1, 0.5) and radius == pytest.approx(min(own, 1.5 * (norm.ppf(p0) - norm.ppf(k))))
+    assert 0 < radius < own
 
 
 @pytest.mark.parametrize("kwargs", [dict(p0=0.4), dict(p0=1.0), dict(schedule="holm"), dict(alpha=0.6)])

@@ -3,7 +3,8 @@
 Soundness: a claim is *false* when the pair names its class with a grid radius >= the true radius
 sigma Phi^-1(p) (single sigma, p exactly at a grid boundary, so the boundary bin's claim counts
 as false), or when a cascade row differs from the population cascade (class, or radius above the
-population radius). Its rate must stay <= alpha + 3 Monte Carlo standard errors; the same check
+population radius; under ``bonferroni-fallthrough``, radius above the one the true probabilities
+prove for its class, ``tests.test_soundness.ball_radius``). Its rate must stay <= alpha + 3 Monte Carlo standard errors; the same check
 on a bound that spends the full alpha at every look must fail.
 """
 from __future__ import annotations
@@ -18,11 +19,11 @@ from statsmodels.stats.proportion import proportion_confint
 
 from analysis.sequential_sim import (IMAGENET_RADII, compare, draw_paths, fixed_bins, imagenet_like,
                                      mixture_table, run_table)
-from pipeline.certification import FALL_THROUGH, FIRE, SparseCounts, certify_cascade_sparse
+from pipeline.certification import FALL_THROUGH, FALLTHROUGH, FIRE, UNDECIDED, SparseCounts, certify_cascade_sparse
 from pipeline.sequential import (LookTable, SequentialError, SequentialPlan, certify_cascade_sequential_sparse,
                                  certify_sequential_sparse, lower_bound_counts, top_looks, upper_bound_counts)
 from tests.test_soundness import SIGMAS as CASCADE_SIGMAS
-from tests.test_soundness import failure_rate, population_cascade
+from tests.test_soundness import ball_failure_rate, failure_rate, population_cascade
 
 ALPHA = 0.1
 DIGITS_RADII = tuple(np.arange(0, 2.01, 0.25))
@@ -201,7 +202,8 @@ def simulate_cascade(plan: SequentialPlan, probs: np.ndarray, n0: int, trials: i
             running = running[~stop]
         levels.append((sigma, SparseCounts.from_dense(counts0), SparseCounts.from_dense(counts), stop_look))
         caps_from.append((counts, stop_look))
-        active = active[outcome[active] == FALL_THROUGH]
+        passes = [FALL_THROUGH, UNDECIDED] if plan.schedule == FALLTHROUGH else [FALL_THROUGH]
+        active = active[np.isin(outcome[active], passes)]
     recomputed_pred, recomputed_radius, _ = certify_cascade_sequential_sparse(plan, levels)
     np.testing.assert_array_equal(recomputed_pred, pred)
     np.testing.assert_array_equal(recomputed_radius, radius)
@@ -215,19 +217,27 @@ CASCADE = {
     "C=1000, second level fires on a grid boundary": ([[0.45, 0.3], [float(special.ndtr(0.5 / 0.5)), 0.1], [0.9]],
                                                       1000, 0.5, 50, 2000),
     "C=1000, p0 = 0.6, top at p0": ([[0.6, 0.3], [0.9, 0.05], [0.99]], 1000, 0.6, 30, 400),
+    "C=10, undecided top, another class fires there": ([[0.46, 0.52], [0.95], [0.97]], 10, 0.5, 50, 400),
+    "C=10, undecided top, the lower stage's class": ([[0.52, 0.3], [0.9], [0.95]], 10, 0.5, 50, 400),
 }
 
 
+@pytest.mark.parametrize("schedule", ["bonferroni", FALLTHROUGH])
 @pytest.mark.parametrize("name", list(CASCADE))
-def test_cascade_soundness_and_recomputation(name):
+def test_cascade_soundness_and_recomputation(name, schedule):
     rows, num_classes, p0, n0, n_max = CASCADE[name]
     probs = np.stack([pad(p, num_classes) for p in rows])
     trials = 2000 if num_classes > 2 else 6000
-    plan = SequentialPlan.geometric(n_max, ALPHA, DIGITS_RADII, CASCADE_SIGMAS, first=20, mode="cascade", p0=p0)
+    plan = SequentialPlan.geometric(n_max, ALPHA, DIGITS_RADII, CASCADE_SIGMAS, first=20, mode="cascade", p0=p0,
+                                    schedule=schedule)
     pred, radius = simulate_cascade(plan, probs, n0, trials, np.random.default_rng(sum(map(ord, name))))
-    true_pred, true_radius = population_cascade(np.broadcast_to(probs, (trials,) + probs.shape).copy(), p0)
-    assert failure_rate(pred, radius, true_pred, true_radius) <= ALPHA + margin(ALPHA, trials)
-    assert np.any(pred >= 0) or name.startswith("C=2, every")
+    if schedule == FALLTHROUGH:
+        rate = ball_failure_rate(pred, radius, probs, p0)
+    else:
+        true_pred, true_radius = population_cascade(np.broadcast_to(probs, (trials,) + probs.shape).copy(), p0)
+        rate = failure_rate(pred, radius, true_pred, true_radius)
+    assert rate <= ALPHA + margin(ALPHA, trials)
+    assert np.any(pred >= 0) or name.startswith("C=2, every") or (schedule == "bonferroni" and "undecided" in name)
 
 
 def test_cascade_stage_is_never_stronger_than_the_bonferroni_schedule_at_n_max():
@@ -296,6 +306,13 @@ def test_determinism_and_manifest_round_trip():
     np.testing.assert_array_equal(a.sequential_accuracy, b.sequential_accuracy)
     with pytest.raises(SequentialError, match="keys"):
         SequentialPlan.from_dict({**plan.to_dict(), "extra": 1})
+    # a manifest written before the cascade's schedule was recorded: the bonferroni walk it ran
+    before = {k: v for k, v in plan.to_dict().items() if k != "schedule"}
+    assert SequentialPlan.from_dict(before) == plan and plan.schedule == "bonferroni"
+    with pytest.raises(SequentialError, match="keys"):
+        SequentialPlan.from_dict({k: v for k, v in plan.to_dict().items() if k != "looks"})
+    with pytest.raises(SequentialError, match="schedule must be one of"):
+        SequentialPlan.from_dict({**plan.to_dict(), "schedule": "paper"})
 
 
 def test_certificates_recomputed_from_the_table_and_inconsistent_rows_refused():

@@ -17,7 +17,7 @@ from scipy.stats import binomtest
 from analysis.counts import CountsError
 from analysis.results import GRID_LABEL, cascade_method, certify_table, predict_method, predict_table, single_method
 from analysis.summary import predict_markdown, summarize, summarize_predict, to_markdown
-from pipeline.certification import FALL_THROUGH, FIRE, SparseCounts
+from pipeline.certification import FALL_THROUGH, FALLTHROUGH, FIRE, UNDECIDED, SparseCounts
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.sequential import (
     LOOK_FIELD,
@@ -159,8 +159,8 @@ def test_rows_the_plan_did_not_decide_are_refused(full_run):
 
 
 def simulate_cascade(plan: SequentialPlan, probs: np.ndarray, rng):
-    """A cascade-mode run (stage by stage, only fallen-through images go on) and the (pred, grid
-    radius) decided while sampling. ``probs`` [N, K, C], stages highest sigma first."""
+    """A cascade-mode run (stage by stage, only the images the plan's walk passes on go on) and the
+    (pred, grid radius) decided while sampling. ``probs`` [N, K, C], stages highest sigma first."""
     num = probs.shape[0]
     rows, expected_pred, expected_radius = [], np.full(num, -1), np.zeros(num)
     active = np.arange(num)
@@ -186,16 +186,18 @@ def simulate_cascade(plan: SequentialPlan, probs: np.ndarray, rng):
         full_counts, full_look = np.zeros((num, C), np.int64), np.zeros(num, np.int64)
         full_counts[active], full_look[active] = counts, stopped
         stored.append((full_counts, full_look))
-        active = active[outcome == FALL_THROUGH]
+        passes = [FALL_THROUGH, UNDECIDED] if plan.schedule == FALLTHROUGH else [FALL_THROUGH]
+        active = active[np.isin(outcome, passes)]
     ids = np.array([f"img{i:03d}" for i in range(num)])
     parts = [np.concatenate(part) for part in zip(*rows)]
     table = counts_table(ids[parts[0]], np.zeros(parts[0].size, int), parts[1], parts[2], parts[3], parts[4])
     return table, ids, expected_pred, expected_radius
 
 
-@pytest.fixture(scope="module")
-def cascade_run():
-    plan = SequentialPlan.geometric(1000, 0.01, RADII, SIGMAS, first=40, ratio=1.5, mode="cascade", p0=0.5)
+@pytest.fixture(scope="module", params=["bonferroni", FALLTHROUGH])
+def cascade_run(request):
+    plan = SequentialPlan.geometric(1000, 0.01, RADII, SIGMAS, first=40, ratio=1.5, mode="cascade", p0=0.5,
+                                    schedule=request.param)
     rng = np.random.default_rng(1)
     num = 150
     top = rng.choice([0.3, 0.45, 0.55, 0.7, 0.9, 0.99], (num, len(SIGMAS)))
@@ -219,10 +221,12 @@ def test_cascade_recomputation_equals_the_decisions_while_sampling(cascade_run):
 
 def test_cascade_re_analyses_covered_and_refused(cascade_run):
     plan, table, *_ = cascade_run
+    other = "bonferroni" if plan.schedule == FALLTHROUGH else FALLTHROUGH
     base = certify_table(table, plan=plan)
     assert certify_table(table, plan=plan, alpha=0.02, radii=(0.0, 1.0)).equals(base)
     for setting, settings in {"p0=0.6": dict(p0=0.6), "alpha=0.001": dict(alpha=0.001),
                               "schedule='paper'": dict(schedule="paper"),
+                              f"schedule='{other}'": dict(schedule=other),
                               r"cascade\(0.5,1.0\)": dict(cascades=[[0.5, 1.0]]),
                               r"sigmas=\[0.25\]": dict(sigmas=[0.25])}.items():
         with pytest.raises(SequentialError, match=setting):
@@ -318,7 +322,7 @@ def test_config_errors_name_their_keys(raw, override, message):
 def test_config_rules_between_keys_and_the_plan(raw):
     with pytest.raises(ConfigError, match=r"^smoothing.alpha: must be < 0.5 with sequential sampling"):
         config_from_dict(raw, ["smoothing.sampling=sequential", "smoothing.alpha=0.6"])
-    with pytest.raises(ConfigError, match=r"^smoothing.schedule: must be bonferroni"):
+    with pytest.raises(ConfigError, match=r"^smoothing.schedule: must be bonferroni or bonferroni-fallthrough"):
         config_from_dict(raw, ["smoothing.sampling=sequential", "smoothing.mode=cascade", "smoothing.schedule=paper"])
     fixed = config_from_dict(raw)
     assert fixed.smoothing["sampling"] == "fixed" and sequential_plan(fixed.smoothing) is None

@@ -38,12 +38,16 @@ def run(models, bucket, run_id, *extra):
     return cfg, store, read_dir(store, store.counts_dir).to_pandas()
 
 
-@pytest.mark.parametrize("mode", ["full", "cascade"])
-def test_sequential_rows_are_the_plans_and_the_aggregation_recomputes_them(ray_local, models, bucket, shards, mode):
-    cfg, store, rows = run(models, bucket, f"seq-{mode}", f"smoothing.mode={mode}")
+@pytest.mark.parametrize("mode, schedule", [("full", "bonferroni"), ("cascade", "bonferroni"),
+                                            ("cascade", "bonferroni-fallthrough")])
+def test_sequential_rows_are_the_plans_and_the_aggregation_recomputes_them(ray_local, models, bucket, shards, mode,
+                                                                           schedule):
+    cfg, store, rows = run(models, bucket, f"seq-{mode}-{schedule}", f"smoothing.mode={mode}",
+                           f"smoothing.schedule={schedule}")
     plan = SequentialPlan.from_dict(store.read_manifest()["sequential_plan"])
     top = top_looks(64, 0.05, plan.radii, plan.sigmas, 0.2)  # the config's default top_share
     assert plan.looks == tuple(sorted({8, 16, 32, *top})) + (64,) and plan.mode == mode
+    assert plan.schedule == schedule
     assert (rows["n"] == np.asarray(plan.looks)[rows["look"]]).all()
     assert (rows["n"] < 64).any(), "some pair should stop before n_max (random models: futility)"
     if mode == "full":

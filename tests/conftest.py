@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -106,11 +107,13 @@ def submit_ray_job(address: str, env: dict, entrypoint: list[str], cwd: str, tim
         time.sleep(3)
 
 
-def free_port_range(width: int) -> int:
-    """A start port whose next ``width`` ports look free."""
+def free_port_range(width: int, avoid=()) -> int:
+    """A start port whose next ``width`` ports look free and include none of ``avoid``."""
+    avoid = set(avoid)
     for _ in range(50):
         start = free_port()
-        if start + width < 65000 and all(_port_free(p) for p in range(start, start + width)):
+        span = range(start, start + width)
+        if start + width < 65000 and avoid.isdisjoint(span) and all(_port_free(p) for p in span):
             return start
     raise RuntimeError("no free port range")
 
@@ -125,22 +128,41 @@ def _port_free(port: int) -> bool:
 
 
 STOP_GRACE_S = 5  # what a node's processes get to exit on SIGTERM before SIGKILL
+START_ATTEMPTS = 3  # starts of a head, each on fresh ports, before a test gives up on it
 
 
 class RayNode:
     """One ``ray start --block`` of this machine in its own process session, temp dir and ports;
-    :meth:`stop` kills that session (never ``ray stop``: other clusters on the machine live on)."""
+    :meth:`stop` kills that session (never ``ray stop``: other clusters on the machine live on).
+
+    A head is returned once its dashboard answers (``ray job submit`` needs it); one whose start
+    dies or never answers is killed and started again on fresh ports (``START_ATTEMPTS``), and
+    the last attempt's ``ray start`` output is in the error."""
 
     def __init__(self, head_address: str | None = None, num_cpus: int = 2, resources: dict | None = None):
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+                    "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+        self._node_id: str | None = None
+        for _ in range(START_ATTEMPTS):
+            self._start(head_address, num_cpus, resources)
+            if head_address is not None or self._dashboard_answers():
+                return
+            log = Path(self.temp, "ray_start.log").read_text(errors="replace")[-2000:]
+            self.stop()
+        raise RuntimeError(f"ray start --head: no dashboard after {START_ATTEMPTS} attempts; last output:\n{log}")
+
+    def _start(self, head_address: str | None, num_cpus: int, resources: dict | None) -> None:
+        self.temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: unix socket paths are limited
         names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                  "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
         if head_address is None:
             names += ["port", "dashboard-port", "ray-client-server-port"]
-        ports = {name: free_port() for name in names}
-        low = free_port_range(40)
-        self.temp = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: unix socket paths are limited
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled",
-                    "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+        ports: dict[str, int] = {}
+        while len(ports) < len(names):  # distinct: the OS may hand out a just-released port again
+            port = free_port()
+            if port not in ports.values():
+                ports[names[len(ports)]] = port
+        low = free_port_range(40, avoid=ports.values())
         role = (["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true"] if head_address is None
                 else [f"--address={head_address}"])
         cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", *role, "--block",
@@ -148,11 +170,22 @@ class RayNode:
                f"--min-worker-port={low}", f"--max-worker-port={low + 39}", "--disable-usage-stats",
                *([f"--resources={json.dumps(resources)}"] if resources else []),
                *(f"--{k}={v}" for k, v in ports.items())]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        with open(Path(self.temp, "ray_start.log"), "w") as log:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         self.gcs = f"127.0.0.1:{ports['port']}" if head_address is None else head_address
         self.dashboard = f"http://127.0.0.1:{ports['dashboard-port']}" if head_address is None else None
-        self._node_id: str | None = None
+
+    def _dashboard_answers(self, timeout: float = 90) -> bool:
+        """True once the dashboard's HTTP API answers; False if ``ray start`` exits or ``timeout`` passes."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=5) as response:
+                    if response.status == 200:
+                        return True
+            time.sleep(1)
+        return False
 
     def raylet(self) -> int:
         """The pid of this node's raylet (waits up to 120 s for it to start)."""

@@ -68,7 +68,7 @@ re-weighted by the smoothed counts; it is not reproduced.)
 Re-analysis (:meth:`SequentialPlan.uncovered`): the stored certificates also hold at any larger
 alpha; a subset of the radius grid is decided too (a bin of a coarser grid rises only if the
 fine bin does, and futility of the next fine bin implies it for the next coarse one); a smaller
-alpha, a radius off the grid, another p0 or another cascade sigma set were not decided by the
+alpha, a radius off the grid, another p0, cascade sigma set or cascade walk were not decided by the
 samples drawn and are refused.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.certification import SCHEDULES
 from pipeline.errors import MsdsmoothError
+from pipeline.sequential import CASCADE_SCHEDULES
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -177,8 +178,8 @@ def sampling_rules(check: Check) -> Check:
             if looks["final_share"] + looks["top_share"] > 1:
                 _fail(f"{key}.sequential.top_share", "must be <= 1 - final_share (shares of one alpha)",
                       looks["top_share"])
-            if out["mode"] == "cascade" and out["schedule"] == "paper":
-                _fail(f"{key}.schedule", "must be bonferroni or bonferroni-fallthrough with sequential sampling in "
+            if out["mode"] == "cascade" and out["schedule"] not in CASCADE_SCHEDULES:
+                _fail(f"{key}.schedule", f"must be {' or '.join(CASCADE_SCHEDULES)} with sequential sampling in "
                       "cascade mode", out["schedule"])
         return out
     return checked

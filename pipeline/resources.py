@@ -12,10 +12,13 @@ decode task: ``compute.cpus_per_task`` CPUs) with the nodes of the cluster:
   the largest node, before any model is loaded (``jobs.*`` print it as ``error: ...``, exit 2).
 
 The same three outcomes for the run as a whole (:func:`pool_unmet`): the ``compute.actors``
-actors and one decode task must fit in the cluster's total CPUs and GPUs at once. Per node the
-same holds after a node is lost: a node's restarted actors must leave it ``compute.cpus_per_task``
-CPUs for the decode tasks to redo, so size nodes to hold their actors plus one decode task (the
-README's cluster section).
+actors and one task beside them must fit in the cluster's total CPUs and GPUs at once. That task
+is a decode task (``compute.cpus_per_task`` CPUs) or one of Ray Data's own tasks that list, read
+and repartition the shards, which take Ray Data's default of 1 CPU (:data:`RAY_DATA_TASK_CPUS`;
+no config key sets it). The actor pool starts first, so without that room the read never runs
+and the run waits until Ray Data's no-progress timeout (30 minutes). Per node the same holds
+after a node is lost: a node's restarted actors must leave it room for the tasks they must redo,
+so size nodes to hold their actors plus one such task (the README's cluster section).
 
 Whether an autoscaler can add nodes is the environment's ``MSDSMOOTH_AUTOSCALER`` (a property of
 the cluster, not of the run; for ``ray job submit``, set it on the head or in the runtime env):
@@ -40,6 +43,10 @@ log = logging.getLogger(__name__)
 
 AUTOSCALER_ENV = "MSDSMOOTH_AUTOSCALER"
 ANY_SHAPE = None  # an autoscaler whose node shapes are unknown (MSDSMOOTH_AUTOSCALER=true)
+# CPUs of each of Ray Data's tasks that list, read and repartition the shards: Ray Data's default for
+# a map task that asks for none (ray/data/_internal/execution/operators/map_operator.py), and its
+# listing task takes no resource arguments.
+RAY_DATA_TASK_CPUS = 1.0
 
 
 class Request(NamedTuple):
@@ -89,11 +96,12 @@ def unmet(requests: Iterable[Request], nodes: list[Mapping[str, float]],
 def pool_unmet(compute: Mapping[str, Any], nodes: list[Mapping[str, float]],
                scalable: list[Mapping[str, float]] | None) -> tuple[list[str], list[str]]:
     """(refusals, waits) for the run as a whole: the actor pool (``compute.actors`` actors, all
-    started at once) and one decode task must fit in the cluster's total resources together, else
-    the actors hold every CPU (or GPU) and the decode tasks that feed them never run. A wait when an
-    autoscaler can add nodes (``scalable`` not []), else a refusal naming the keys."""
+    started at once) and one task beside it (a decode task, or one of Ray Data's listing, read and
+    repartition tasks of :data:`RAY_DATA_TASK_CPUS`) must fit in the cluster's total resources
+    together, else the actors hold every CPU (or GPU) and the tasks that feed them never run. A
+    wait when an autoscaler can add nodes (``scalable`` not []), else a refusal naming the keys."""
     actors = compute["actors"]
-    need = {"CPU": actors * compute["cpus_per_actor"] + compute["cpus_per_task"],
+    need = {"CPU": actors * compute["cpus_per_actor"] + max(compute["cpus_per_task"], RAY_DATA_TASK_CPUS),
             "GPU": actors * compute["gpus_per_actor"]}
     total = {name: sum(node.get(name, 0.0) for node in nodes) for name in need}
     short = [name for name, amount in need.items() if amount > 0 and total[name] < amount]
@@ -102,13 +110,15 @@ def pool_unmet(compute: Mapping[str, Any], nodes: list[Mapping[str, float]],
     asked = (f"compute.actors={actors:g} x (compute.cpus_per_actor={compute['cpus_per_actor']:g}, "
              f"compute.gpus_per_actor={compute['gpus_per_actor']:g}) + compute.cpus_per_task={compute['cpus_per_task']:g}")
     what = ", ".join(f"{need[n]:g} {n}" for n in short)
+    beside = (f"(a decode task: {compute['cpus_per_task']:g} CPU; Ray Data's listing, read and repartition "
+              f"tasks: {RAY_DATA_TASK_CPUS:g} CPU each)")
     if scalable is ANY_SHAPE or scalable:
-        return [], [f"{asked}: the actor pool and one decode task need {what} at once, the cluster has "
+        return [], [f"{asked}: the actor pool and one task beside it {beside} need {what} at once, the cluster has "
                     f"{_describe(total, short)} now; waiting for the autoscaler to add nodes"]
-    return [f"{asked}: the actor pool and one decode task need {what} at once, and the cluster has "
+    return [f"{asked}: the actor pool and one task beside it {beside} need {what} at once, and the cluster has "
             f"{_describe(total, short)} ({len(nodes)} node(s), no autoscaler): the actors would hold every "
-            f"{' and every '.join(short)} and starve the decode tasks; lower compute.actors (or the per-actor "
-            f"amounts) or add nodes"], []
+            f"{' and every '.join(short)} and starve the tasks that feed them; lower compute.actors (or the "
+            f"per-actor amounts) or add nodes"], []
 
 
 def check_resources(compute: Mapping[str, Any]) -> None:

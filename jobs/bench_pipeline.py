@@ -73,7 +73,7 @@ def main() -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.certify_actor import prepare_sampling_process
+    from pipeline.certify_actor import actor_threads, prepare_sampling_process
     from pipeline.certify_run import run_certification
     from pipeline.config import config_from_dict, load_config
     from pipeline.device_settings import resolve_device_settings
@@ -115,7 +115,7 @@ def main() -> None:
     ratios = [(local_s[i] + local_s[i + 1]) / 2 / actor_s[i] for i in range(args.repeats)]
     print(json.dumps({
         "config": args.config, "images": args.images, "samples": samples,
-        "torch_threads": c["torch_threads"] or max(1, int(c["cpus_per_actor"])), "cpus_per_actor": c["cpus_per_actor"],
+        "actors": c["actors"], "torch_threads": actor_threads(c), "cpus_per_actor": c["cpus_per_actor"],
         "device_settings": settings.record(),
         "in_process_samples_per_s": round(samples / float(np.median(local_s)), 1),
         "actor_samples_per_s": round(samples / float(np.median(actor_s)), 1),

@@ -200,11 +200,16 @@ def actor_device(compute: Mapping[str, Any]) -> str:
     return "cuda" if compute["gpus_per_actor"] > 0 else "cpu"
 
 
+def actor_threads(compute: Mapping[str, Any]) -> int:
+    """torch's intra-op threads in one actor: ``compute.torch_threads``, else the actor's whole CPUs, at least 1."""
+    return compute["torch_threads"] or max(1, int(compute["cpus_per_actor"]))
+
+
 def prepare_sampling_process(compute: Mapping[str, Any]) -> None:
-    """This process as every sampling process runs: torch's intra-op threads
-    (``compute.torch_threads``, else the actor's whole CPUs, at least 1) and glibc's malloc keeping
-    freed memory for the next batch (:func:`pipeline.host_allocator.retain_freed_memory`)."""
-    torch.set_num_threads(compute["torch_threads"] or max(1, int(compute["cpus_per_actor"])))
+    """This process as every sampling process runs: torch's intra-op threads (:func:`actor_threads`)
+    and glibc's malloc keeping freed memory for the next batch
+    (:func:`pipeline.host_allocator.retain_freed_memory`)."""
+    torch.set_num_threads(actor_threads(compute))
     retain_freed_memory()
 
 

@@ -3,7 +3,8 @@ implementations against this project, on the same images, models, sigmas, n0, n 
 
 (a) ``reference``: the reference implementations' loop (pipeline.reference_loop: one image and one
     sigma at a time, their batch of 1,000, q_sample + p_sample denoise, their counting loop) in
-    this process, after reading and decoding the selected images from the shards; then CERTIFY
+    this process, with as many torch threads as the whole actor pool of (b) has (``compute.actors``
+    x the actor's threads), after reading and decoding the selected images from the shards; then CERTIFY
     per (image, sigma) (pipeline.certification.certify) into a results table.
 (b) ``full``: :func:`pipeline.certify_run.run_certification` in full mode on an embedded local Ray
     (started and stopped inside the timing, as ``python -m jobs.certify`` does), then the counts
@@ -99,12 +100,12 @@ def reference_table(cfg: Config, batch_size: int) -> pd.DataFrame:
     import torch
 
     from pipeline.certification import certify
+    from pipeline.certify_actor import actor_threads
     from pipeline.images import to_float_chw
     from pipeline.reference_loop import ReferenceDenoiseClassify, reference_counts
 
     s = cfg.smoothing
-    if cfg.compute["torch_threads"]:
-        torch.set_num_threads(cfg.compute["torch_threads"])
+    torch.set_num_threads(cfg.compute["actors"] * actor_threads(cfg.compute))  # the CPU threads of the actor pool
     model = ReferenceDenoiseClassify(demo_model(cfg))
     ids, labels, images = read_selected_images(cfg)
     torch.manual_seed(s["seed"])

@@ -6,7 +6,7 @@ sampler in this process, at a config's workload (default: the demo's).
 Run from the repository root (the config's model URIs are relative to it). Both paths use the
 config's models, resolution, sigmas, n0, n, seed and the same device settings: the config's,
 with ``auto`` values resolved once in this process and pinned for the Ray run; torch threads are
-what the actor uses (``compute.torch_threads``, else ``compute.cpus_per_actor``). The images are
+what the actor uses (``pipeline.certify_actor.actor_threads``). The images are
 random JPEGs (the work does not depend on their content) in Parquet shards (pipeline.shard_writer).
 In process: one ``MonteCarloSampler.sample`` call on every decoded image (model and images loaded
 once, for every run), timed alone, before and after each Ray run. Ray:

@@ -8,8 +8,9 @@ config's models, resolution, sigmas, n0, n, seed and the same device settings: t
 with ``auto`` values resolved once in this process and pinned for the Ray run; torch threads are
 what the actor uses (``pipeline.certify_actor.actor_threads``). The images are
 random JPEGs (the work does not depend on their content) in Parquet shards (pipeline.shard_writer).
-In process: one ``MonteCarloSampler.sample`` call on every decoded image (model and images loaded
-once, for every run), timed alone, before and after each Ray run. Ray:
+In process: ``MonteCarloSampler.sample`` on every decoded image in the calls the actors get
+(``compute.images_per_call`` images each, so both paths pad the same last device batches; model
+and images loaded once, for every run), timed alone, before and after each Ray run. Ray:
 ``pipeline.certify_run.run_certification`` on a local Ray (pipeline.ray_runtime), ``--repeats``
 times (a run id each); the actor's sampling time is the sum of the counts rows' ``seconds`` (wall
 time per (image, sigma)). Each Ray run is compared with the mean of the in-process runs on either
@@ -54,10 +55,13 @@ def decode_images(cfg, images_dir: Path) -> tuple[list[str], np.ndarray]:
     return [f.stem for f in files], x
 
 
-def in_process_sampling(sampler, image_ids: list[str], x: np.ndarray, smoothing) -> float:
-    """Seconds of one ``MonteCarloSampler.sample`` call on every image, in this process."""
+def in_process_sampling(sampler, image_ids: list[str], x: np.ndarray, smoothing, per_call: int) -> float:
+    """Seconds of ``MonteCarloSampler.sample`` on every image, in this process, ``per_call`` images a call."""
     start = time.perf_counter()
-    sampler.sample(x, image_ids, list(smoothing["sigmas"]), smoothing["n0"], smoothing["n"], smoothing["seed"])
+    for first in range(0, len(image_ids), per_call):
+        calls = slice(first, first + per_call)
+        sampler.sample(x[calls], image_ids[calls], list(smoothing["sigmas"]), smoothing["n0"], smoothing["n"],
+                       smoothing["seed"])
     return time.perf_counter() - start
 
 
@@ -101,7 +105,8 @@ def main() -> None:
         cfg = config_from_dict(cfg.to_dict(), [f"compute.{k}={v}" for k, v in settings.record().items() if k != "reason"])
         sampler = MonteCarloSampler.from_settings(model, settings, "cpu")
         image_ids, x = decode_images(cfg, images)
-        local_s, actor_s, ray_wall = [in_process_sampling(sampler, image_ids, x, cfg.smoothing)], [], []
+        per_call = c["images_per_call"]
+        local_s, actor_s, ray_wall = [in_process_sampling(sampler, image_ids, x, cfg.smoothing, per_call)], [], []
         for repeat in range(args.repeats):
             run_cfg = config_from_dict(cfg.to_dict(), [f"output.run_id=bench-{repeat}"])
             with ray_session(log_to_driver=False):
@@ -111,7 +116,7 @@ def main() -> None:
             store = RunDirectory(run_cfg.output["uri"], run_cfg.output["run_id"])
             table = pa.concat_tables([pq.read_table(p, columns=["seconds"]) for p in store.counts_files()])
             actor_s.append(float(pc.sum(table.column("seconds")).as_py()))  # seconds are per (image, sigma) row
-            local_s.append(in_process_sampling(sampler, image_ids, x, cfg.smoothing))
+            local_s.append(in_process_sampling(sampler, image_ids, x, cfg.smoothing, per_call))
     s = cfg.smoothing
     samples = args.images * len(s["sigmas"]) * (s["n0"] + s["n"])
     ratios = [(local_s[i] + local_s[i + 1]) / 2 / actor_s[i] for i in range(args.repeats)]

@@ -59,8 +59,8 @@ def in_process_sampling(sampler, image_ids: list[str], x: np.ndarray, smoothing,
     """Seconds of ``MonteCarloSampler.sample`` on every image, in this process, ``per_call`` images a call."""
     start = time.perf_counter()
     for first in range(0, len(image_ids), per_call):
-        calls = slice(first, first + per_call)
-        sampler.sample(x[calls], image_ids[calls], list(smoothing["sigmas"]), smoothing["n0"], smoothing["n"],
+        call = slice(first, first + per_call)
+        sampler.sample(x[call], image_ids[call], list(smoothing["sigmas"]), smoothing["n0"], smoothing["n"],
                        smoothing["seed"])
     return time.perf_counter() - start
 

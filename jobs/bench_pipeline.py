@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,8 @@ def main() -> None:
         cfg = config_from_dict(cfg.to_dict(), [f"compute.{k}={v}" for k, v in settings.record().items() if k != "reason"])
         sampler = MonteCarloSampler.from_settings(model, settings, "cpu")
         image_ids, x = decode_images(cfg, images)
-        per_call = c["images_per_call"]
-        local_s, actor_s, ray_wall = [in_process_sampling(sampler, image_ids, x, cfg.smoothing, per_call)], [], []
+        time_in_process = partial(in_process_sampling, sampler, image_ids, x, cfg.smoothing, c["images_per_call"])
+        local_s, actor_s, ray_wall = [time_in_process()], [], []
         for repeat in range(args.repeats):
             run_cfg = config_from_dict(cfg.to_dict(), [f"output.run_id=bench-{repeat}"])
             with ray_session(log_to_driver=False):
@@ -116,7 +117,7 @@ def main() -> None:
             store = RunDirectory(run_cfg.output["uri"], run_cfg.output["run_id"])
             table = pa.concat_tables([pq.read_table(p, columns=["seconds"]) for p in store.counts_files()])
             actor_s.append(float(pc.sum(table.column("seconds")).as_py()))  # seconds are per (image, sigma) row
-            local_s.append(in_process_sampling(sampler, image_ids, x, cfg.smoothing, per_call))
+            local_s.append(time_in_process())
     s = cfg.smoothing
     samples = args.images * len(s["sigmas"]) * (s["n0"] + s["n"])
     ratios = [(local_s[i] + local_s[i + 1]) / 2 / actor_s[i] for i in range(args.repeats)]

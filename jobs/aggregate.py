@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from analysis.report import render_report, write_report
 from analysis.summary import DEFAULT_RADII
-from pipeline.certification import SCHEDULES
+from pipeline.schedules import SCHEDULES
 from pipeline.errors import MsdsmoothError
 
 

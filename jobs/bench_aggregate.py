@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from analysis import certify_table, read_counts, resolve_run, summarize, validate_counts
 from analysis.synthetic import synthetic_counts
-from pipeline.certification import SCHEDULES
+from pipeline.schedules import SCHEDULES
 
 
 def main(argv: Sequence[str] | None = None) -> None:

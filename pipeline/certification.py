@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 import numpy as np
 from scipy import special, stats
 
+from pipeline.schedules import FALLTHROUGH, SCHEDULES
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
 ABSTAIN = -1
 FIRE, UNDECIDED, FALL_THROUGH = 1, 0, -1
-FALLTHROUGH = "bonferroni-fallthrough"  # bonferroni's bounds; an UNDECIDED level falls through
-SCHEDULES = ("bonferroni", FALLTHROUGH, "paper")
 _POOL_SIZE = 5  # the paper's Goodman merging: cells with fewer counts are pooled up to this size
 
 

@@ -15,9 +15,8 @@ import re
 
 import yaml
 
-from pipeline.certification import SCHEDULES
 from pipeline.errors import MsdsmoothError
-from pipeline.sequential import CASCADE_SCHEDULES
+from pipeline.schedules import CASCADE_SCHEDULES, SCHEDULES
 
 
 class _ConfigLoader(yaml.SafeLoader):

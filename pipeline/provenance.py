@@ -33,7 +33,6 @@ from typing import Any, Mapping
 from pipeline.config import Config, ConfigError, changed_keys, model_uris, refuse_changed
 from pipeline.errors import MsdsmoothError, StorageError, describe
 from pipeline.run_dir import RunDirectory
-from pipeline.sequential import sequential_plan
 from pipeline.storage import is_local, object_stamp, sha256_file, url_to_fs
 
 log = logging.getLogger(__name__)
@@ -124,9 +123,10 @@ def open_run(cfg: Config, weights: dict[str, dict[str, str]]) -> RunDirectory:
     manifest = previous or {}
     manifest.update(run_id=out["run_id"], config=cfg.to_dict(), config_content=cfg.content_key(),
                     code_version=code_version())
-    plan = sequential_plan(cfg.smoothing)
-    if plan is not None:
-        manifest["sequential_plan"] = plan.to_dict()
+    if cfg.smoothing["sampling"] == "sequential":
+        from pipeline.sequential import sequential_plan  # scipy's import (~1 s): only a sequential run needs it
+
+        manifest["sequential_plan"] = sequential_plan(cfg.smoothing).to_dict()
     manifest.setdefault("weights", weights)
     manifest.setdefault("model_checksums", None)
     manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

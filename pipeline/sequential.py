@@ -84,7 +84,6 @@ from scipy import special, stats
 from pipeline.certification import (
     ABSTAIN,
     FALL_THROUGH,
-    FALLTHROUGH,
     FIRE,
     UNDECIDED,
     SparseCounts,
@@ -94,9 +93,9 @@ from pipeline.certification import (
     walk_cascade,
 )
 from pipeline.errors import MsdsmoothError
+from pipeline.schedules import CASCADE_SCHEDULES
 
 MODES = ("full", "cascade", "predict")
-CASCADE_SCHEDULES = ("bonferroni", FALLTHROUGH)  # the sequential cascade's walks, both with bonferroni's budgets
 RADIUS_STEP = 0.25  # spacing of the default radius grid (:func:`default_radii`)
 # The counts-table column recording the look index at which a sequential row stopped (its n is
 # that look's sample count); null for rows of fixed sampling.

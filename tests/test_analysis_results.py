@@ -16,7 +16,8 @@ from analysis import (
     summarize,
 )
 from analysis.synthetic import synthetic_counts
-from pipeline.certification import FALLTHROUGH, FIRE, SCHEDULES, UNDECIDED, SparseCounts, cascade_stage_outcome, certify, certify_cascade
+from pipeline.certification import FIRE, UNDECIDED, SparseCounts, cascade_stage_outcome, certify, certify_cascade
+from pipeline.schedules import FALLTHROUGH, SCHEDULES
 
 C = 10
 ALPHA = 0.05

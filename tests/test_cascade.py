@@ -12,9 +12,7 @@ from statsmodels.stats.proportion import multinomial_proportions_confint, propor
 
 from pipeline.certification import (
     FALL_THROUGH,
-    FALLTHROUGH,
     FIRE,
-    SCHEDULES,
     UNDECIDED,
     SparseCounts,
     cascade_stage_outcome,
@@ -23,6 +21,7 @@ from pipeline.certification import (
     certify_cascade_sparse,
 )
 from pipeline.certification import _paper_groups  # the merging alone, for a dense check
+from pipeline.schedules import FALLTHROUGH, SCHEDULES
 
 # ----------------------------------------------------------------------------- reference
 

@@ -25,7 +25,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, create_bucket, submit_ray_job
-from pipeline.certification import FALL_THROUGH, FALLTHROUGH, FIRE, UNDECIDED, SparseCounts, cascade_stage_outcome
+from pipeline.certification import FALL_THROUGH, FIRE, UNDECIDED, SparseCounts, cascade_stage_outcome
 from pipeline.certify_run import run_certification
 from pipeline.config import ConfigError, config_from_dict
 from pipeline.counts_schema import COUNTS_SCHEMA, ERRORS_SCHEMA
@@ -35,6 +35,7 @@ from pipeline.models.factory import create_denoise_classify
 from pipeline.models.small import write_small_models
 from pipeline.run_dir import RunDirectory
 from pipeline.sampling import MonteCarloSampler
+from pipeline.schedules import FALLTHROUGH
 from pipeline.shard_writer import make_shards
 
 pytestmark = pytest.mark.slow

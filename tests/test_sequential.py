@@ -19,7 +19,8 @@ from statsmodels.stats.proportion import proportion_confint
 
 from analysis.sequential_sim import (IMAGENET_RADII, compare, draw_paths, fixed_bins, imagenet_like,
                                      mixture_table, run_table)
-from pipeline.certification import FALL_THROUGH, FALLTHROUGH, FIRE, UNDECIDED, SparseCounts, certify_cascade_sparse
+from pipeline.certification import FALL_THROUGH, FIRE, UNDECIDED, SparseCounts, certify_cascade_sparse
+from pipeline.schedules import FALLTHROUGH
 from pipeline.sequential import (LookTable, SequentialError, SequentialPlan, certify_cascade_sequential_sparse,
                                  certify_sequential_sparse, lower_bound_counts, top_looks, upper_bound_counts)
 from tests.test_soundness import SIGMAS as CASCADE_SIGMAS

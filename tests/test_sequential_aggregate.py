@@ -17,8 +17,9 @@ from scipy.stats import binomtest
 from analysis.counts import CountsError
 from analysis.results import GRID_LABEL, cascade_method, certify_table, predict_method, predict_table, single_method
 from analysis.summary import predict_markdown, summarize, summarize_predict, to_markdown
-from pipeline.certification import FALL_THROUGH, FALLTHROUGH, FIRE, UNDECIDED, SparseCounts
+from pipeline.certification import FALL_THROUGH, FIRE, UNDECIDED, SparseCounts
 from pipeline.config import ConfigError, config_from_dict
+from pipeline.schedules import FALLTHROUGH
 from pipeline.sequential import (
     LOOK_FIELD,
     PairStopRule,

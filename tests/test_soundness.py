@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from pipeline.certification import FALLTHROUGH, UNDECIDED, SparseCounts, cascade_stage_outcome, certify_cascade_sparse
+from pipeline.certification import UNDECIDED, SparseCounts, cascade_stage_outcome, certify_cascade_sparse
+from pipeline.schedules import FALLTHROUGH
 
 ALPHA = 0.05
 TRIALS = 12_000

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 
 from analysis.report import render_report, write_report
 from analysis.summary import DEFAULT_RADII
-from pipeline.schedules import SCHEDULES
 from pipeline.errors import MsdsmoothError
+from pipeline.schedules import SCHEDULES
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

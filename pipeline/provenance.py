@@ -124,7 +124,7 @@ def open_run(cfg: Config, weights: dict[str, dict[str, str]]) -> RunDirectory:
     manifest.update(run_id=out["run_id"], config=cfg.to_dict(), config_content=cfg.content_key(),
                     code_version=code_version())
     if cfg.smoothing["sampling"] == "sequential":
-        from pipeline.sequential import sequential_plan  # scipy's import (~1 s): only a sequential run needs it
+        from pipeline.sequential import sequential_plan  # imports scipy, which only a sequential run needs
 
         manifest["sequential_plan"] = sequential_plan(cfg.smoothing).to_dict()
     manifest.setdefault("weights", weights)
